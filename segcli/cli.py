@@ -1,0 +1,272 @@
+"""The command line: parse options, call the pipeline, report. No method logic lives here.
+
+Only typer and the standard library are imported at start-up so that ``segcli --help`` is instant;
+torch, timm and the stages are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from segcli import __version__
+from segcli.config import DEFAULT_BACKBONE, SegmentConfig
+from segcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_SKIPPED, SegcliError
+from segcli.evaluate.command import evaluate_command
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Training-free unsupervised semantic segmentation with a frozen DINO ViT.\n\n"
+    "Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 bad input/output paths, "
+    "4 finished but some images were skipped, 5 unusable backbone/weights/model, 130 interrupted.",
+)
+
+_DEBUG = {"on": bool(os.environ.get("SEGCLI_DEBUG"))}
+
+
+def _err(message: str) -> None:
+    print(f"segcli: error: {message}", file=sys.stderr, flush=True)
+
+
+def _on_sigterm(signum, frame):  # noqa: ANN001
+    raise KeyboardInterrupt
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn every failure into one line on stderr and an exit code (tracebacks only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except SegcliError as exc:
+            if _DEBUG["on"]:
+                raise
+            _err(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted; finished files are kept: run the same command again to resume")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:
+            _err("out of memory; try a smaller --short-side, --work-max-side or --batch-size")
+            raise typer.Exit(EXIT_INTERNAL) from None
+        except Exception as exc:  # noqa: BLE001
+            if _DEBUG["on"]:
+                raise
+            _err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and please report it)")
+            raise typer.Exit(EXIT_INTERNAL) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"segcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = None,
+) -> None:
+    if debug:
+        _DEBUG["on"] = True
+
+
+# ---------------------------------------------------------------- options shared by segment and cluster-dataset
+Backbone = Annotated[Optional[str], typer.Option("--backbone", "-b", help=f"timm model name or alias (dino-s16, dino-s8, dino-b16, dino-b8, dinov2-s14, dinov2-s14-reg). Default {DEFAULT_BACKBONE}.", rich_help_panel="Backbone")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint (official DINO .pth, timm state dict or .safetensors); default: timm's pretrained download.", rich_help_panel="Backbone")]
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|mps", rich_help_panel="Backbone")]
+Precision = Annotated[str, typer.Option("--precision", help="fp32|bf16|fp16 backbone arithmetic (bf16/fp16: autocast on GPU).", rich_help_panel="Backbone")]
+ShortSide = Annotated[int, typer.Option("--short-side", help="Backbone input short side (aspect kept, multiple of the patch).", rich_help_panel="Backbone")]
+MaxSide = Annotated[int, typer.Option("--max-side", help="Cap on the backbone input long side.", rich_help_panel="Backbone")]
+FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features: keys|queries|values|tokens.", rich_help_panel="Backbone")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (same-size images are batched).", rich_help_panel="Backbone")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
+K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
+Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default k-1).", rich_help_panel="Method")]
+Fusion = Annotated[str, typer.Option("--fusion", help="Foreground where majority (2 of 3) | all | any of the levels agree.", rich_help_panel="Method")]
+Crf = Annotated[bool, typer.Option("--crf/--no-crf", help="Dense-CRF refinement of the foreground.", rich_help_panel="Method")]
+Assign = Annotated[str, typer.Option("--assign", help="Class assignment: cls (CLS tokens of region crops) | pooled (mean patch feature of each region) | parts (community detection over parts).", rich_help_panel="Method")]
+ClassMethod = Annotated[str, typer.Option("--class-method", help="kmeans|spectral clustering of region embeddings.", rich_help_panel="Method")]
+Parts = Annotated[int, typer.Option("--parts", help="Number of parts to over-cluster into with --assign parts.", rich_help_panel="Method")]
+Regions = Annotated[str, typer.Option("--regions", help="components (one region per connected component) | whole (the whole foreground).", rich_help_panel="Method")]
+MinRegion = Annotated[float, typer.Option("--min-region", help="Drop components smaller than this fraction of the image (capped at --min-region-px).", rich_help_panel="Method")]
+MinRegionPx = Annotated[int, typer.Option("--min-region-px", help="A component of at least this many pixels is always kept.", rich_help_panel="Method")]
+MaxSamples = Annotated[int, typer.Option("--max-samples", help="Patches sampled from the dataset for each k-means fit (memory bound).", rich_help_panel="Method")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice: same seed, same masks.", rich_help_panel="Method")]
+Cache = Annotated[Optional[Path], typer.Option("--cache", help="Feature/region cache folder (default $SEGCLI_CACHE or ~/.cache/segcli).", rich_help_panel="Input")]
+Features = Annotated[Optional[Path], typer.Option("--features", help="Use precomputed features DIR/<key>.npz instead of a backbone (format: README).", rich_help_panel="Input")]
+Split = Annotated[Optional[str], typer.Option("--split", help="For a VOC layout: the ImageSets/Segmentation list to use (e.g. val).", rich_help_panel="Input")]
+Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here.", rich_help_panel="Output")]
+Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finished masks of the same model in the output folder.", rich_help_panel="Output")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
+
+
+def _config(**kw) -> SegmentConfig:
+    from segcli.backbone import resolve_backbone_name
+
+    kw["backbone"] = resolve_backbone_name(kw["backbone"] or DEFAULT_BACKBONE)
+    return SegmentConfig(**kw)
+
+
+def _segmenter(config: SegmentConfig, reporter, *, model=None, weights, device, precision, cache, features, batch_size, threads):
+    from segcli.pipeline import Segmenter
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return Segmenter(config, model=model, reporter=reporter, weights=weights, device=device, precision=precision,
+                     cache_dir=cache, features_dir=features, batch_size=batch_size)
+
+
+def _finish(command: str, summary, out: Path | None, started: float) -> None:
+    from rich.console import Console
+
+    where = f" to {out}" if out is not None else ""
+    Console(stderr=True, highlight=False).print(
+        f"{command}: wrote {summary.written} masks{where} ({summary.reused} kept from an earlier run, "
+        f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s"
+    )
+    if summary.skipped:
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command()
+@handle_errors
+def segment(
+    images: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout, or a .txt list of paths.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the label PNGs (same relative paths and stems).", rich_help_panel="Output")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Fitted model from cluster-dataset; without it segment fits on its own input first.", rich_help_panel="Method")] = None,
+    overlay: Overlay = None, k: K = 21, backbone: Backbone = None, weights: Weights = None, device: Device = "auto",
+    precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, feature: FeatureKind = "keys",
+    batch_size: BatchSize = 8, threads: Threads = None, categories: Categories = None, fusion: Fusion = "majority",
+    crf: Crf = True, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
+    regions: Regions = "components", min_region: MinRegion = 0.01, min_region_px: MinRegionPx = 400,
+    max_samples: MaxSamples = 100_000, seed: Seed = 0, cache: Cache = None, features: Features = None,
+    split: Split = None, resume: Resume = True, quiet: Quiet = False,
+) -> None:
+    """Write one label PNG per image: 0 = background, 1..k-1 = classes."""
+    from segcli.images import discover_images
+    from segcli.model_file import SegModel
+    from segcli.outputs import prepare_output_dir
+    from segcli.report import RichReporter
+
+    started = time.perf_counter()
+    reporter = RichReporter(quiet)
+    items = discover_images(images, split)
+    prepare_output_dir(out)
+    common = dict(weights=weights, device=device, precision=precision, cache=cache, features=features,
+                  batch_size=batch_size, threads=threads)
+    if model is not None:
+        fitted = SegModel.load(model)
+        if backbone is not None:
+            from segcli.backbone import resolve_backbone_name
+            from segcli.errors import ModelError
+
+            if resolve_backbone_name(backbone) != fitted.config.backbone:
+                raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {backbone}")
+        seg = _segmenter(fitted.config, reporter, model=fitted, **common)
+    else:
+        cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, feature_kind=feature, k=k,
+                      categories=categories, fusion=fusion, crf=crf, regions=regions, min_region_frac=min_region,
+                      min_region_px=min_region_px, assign=assign, class_method=class_method, n_parts=parts,
+                      max_samples=max_samples, seed=seed)
+        seg = _segmenter(cfg, reporter, **common).fit(items)
+    summary = seg.predict(items, out, overlay_dir=overlay, resume=resume)
+    _finish("segment", summary, out, started)
+
+
+@app.command("cluster-dataset")
+@handle_errors
+def cluster_dataset(
+    dataset: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout (with --split), or a .txt list of paths.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the fitted model (e.g. model.segcli).", rich_help_panel="Output")] = None,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Also write the label PNGs of the dataset here.", rich_help_panel="Output")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: only extract features of the I-th of N parts into the cache (1-based), then exit; run once more without --shard to fit.", rich_help_panel="Input")] = None,
+    overlay: Overlay = None, k: K = 21, backbone: Backbone = None, weights: Weights = None, device: Device = "auto",
+    precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, feature: FeatureKind = "keys",
+    batch_size: BatchSize = 8, threads: Threads = None, categories: Categories = None, fusion: Fusion = "majority",
+    crf: Crf = True, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
+    regions: Regions = "components", min_region: MinRegion = 0.01, min_region_px: MinRegionPx = 400,
+    max_samples: MaxSamples = 100_000, seed: Seed = 0, cache: Cache = None, features: Features = None,
+    split: Split = None, resume: Resume = True, quiet: Quiet = False,
+) -> None:
+    """Fit the dataset-level model (the 'fit' of fit/predict) and save it for `segment --model`."""
+    from rich.console import Console
+
+    from segcli.errors import UsageError
+    from segcli.images import discover_images
+    from segcli.report import RichReporter
+
+    started = time.perf_counter()
+    reporter = RichReporter(quiet)
+    part = _parse_shard(shard) if shard else None
+    if part is None and out is None and masks is None:
+        raise UsageError("give --out FILE for the model (and/or --masks DIR), or --shard I/N to only extract features")
+    items = discover_images(dataset, split)
+    if masks is not None:
+        from segcli.outputs import prepare_output_dir
+
+        prepare_output_dir(masks)
+    cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, feature_kind=feature, k=k,
+                  categories=categories, fusion=fusion, crf=crf, regions=regions, min_region_frac=min_region,
+                  min_region_px=min_region_px, assign=assign, class_method=class_method, n_parts=parts,
+                  max_samples=max_samples, seed=seed)
+    seg = _segmenter(cfg, reporter, weights=weights, device=device, precision=precision, cache=cache,
+                     features=features, batch_size=batch_size, threads=threads)
+    console = Console(stderr=True, highlight=False)
+    if part is not None:
+        i, n = part
+        mine = items[i - 1:: n]
+        summary = seg.extract(mine)
+        console.print(f"cluster-dataset: shard {i}/{n}: features of {summary.written} of {len(mine)} images are in "
+                      f"{seg.source.cache_root} ({len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s")
+        if summary.skipped:
+            raise typer.Exit(EXIT_SKIPPED)
+        return
+    seg.fit(items)
+    if out is not None:
+        path = seg.model_.save(out)
+        console.print(f"cluster-dataset: model fitted on {len(items) - len(seg.skipped)} images saved to {path} "
+                      f"({path.stat().st_size / 1024:.0f} KiB)")
+    if masks is not None:
+        summary = seg.predict(items, masks, overlay_dir=overlay, resume=resume)
+        _finish("cluster-dataset", summary, masks, started)
+    elif seg.skipped:
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    from segcli.errors import UsageError
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must look like I/N (e.g. 2/8), got {text!r}") from None
+    if not (n >= 1 and 1 <= i <= n):
+        raise UsageError(f"--shard {text}: need 1 <= I <= N")
+    return i, n
+
+
+app.command("evaluate")(handle_errors(evaluate_command))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,104 @@
+"""Every setting of the method in one frozen dataclass.
+
+The same object configures a fit, is stored inside the fitted model file, and is hashed into cache keys,
+so a cached intermediate result can never be reused under settings that would have produced another one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from segcli.errors import UsageError
+
+DEFAULT_BACKBONE = "vit_small_patch16_224.dino"
+FEATURE_KINDS = ("keys", "queries", "values", "tokens")
+FUSION_RULES = ("majority", "all", "any")
+ASSIGN_METHODS = ("cls", "pooled", "parts")
+CLASS_METHODS = ("kmeans", "spectral")
+REGION_MODES = ("components", "whole")
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    # Backbone input (DESIGN 2.1): aspect kept, short side resized, long side capped, multiples of the patch.
+    backbone: str = DEFAULT_BACKBONE
+    short_side: int = 448
+    max_side: int = 1344
+    feature_kind: str = "keys"
+    # Working resolution for CRF and regions; larger inputs are processed downscaled and the mask is
+    # upsampled (nearest) to the full size at the end, so an 8000x6000 photo costs what a 2048 one does.
+    work_max_side: int = 2048
+    # Classes (background included) and the three clustering levels (DESIGN 2.3-2.6).
+    k: int = 21
+    dataset_k: int = 2
+    categories: int | None = None  # None: k - 1
+    category_k: int = 2
+    image_k: int = 2
+    fusion: str = "majority"
+    max_samples: int = 100_000
+    # Refinement (DESIGN 2.7).
+    crf: bool = True
+    crf_iterations: int = 10
+    # Regions (DESIGN 2.8): components smaller than min(min_region_frac * image area, min_region_px) go.
+    regions: str = "components"
+    min_region_frac: float = 0.01
+    min_region_px: int = 400
+    # Class assignment (DESIGN 2.9 / 2.10).
+    assign: str = "cls"
+    class_method: str = "kmeans"
+    crop_size: int = 224
+    crop_margin: float = 0.1
+    n_parts: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise UsageError(msg)
+
+        need(self.k >= 2, f"--k must be at least 2 (background + one class), got {self.k}")
+        need(self.feature_kind in FEATURE_KINDS, f"unknown feature kind {self.feature_kind!r}; use one of {', '.join(FEATURE_KINDS)}")
+        need(self.fusion in FUSION_RULES, f"unknown fusion rule {self.fusion!r}; use one of {', '.join(FUSION_RULES)}")
+        need(self.assign in ASSIGN_METHODS, f"unknown --assign {self.assign!r}; use one of {', '.join(ASSIGN_METHODS)}")
+        need(self.class_method in CLASS_METHODS, f"unknown class method {self.class_method!r}; use one of {', '.join(CLASS_METHODS)}")
+        need(self.regions in REGION_MODES, f"unknown region mode {self.regions!r}; use one of {', '.join(REGION_MODES)}")
+        for name in ("dataset_k", "category_k", "image_k"):
+            need(getattr(self, name) >= 2, f"--{name.replace('_', '-')} must be at least 2, got {getattr(self, name)}")
+        need(self.categories is None or self.categories >= 1, "--categories must be at least 1")
+        need(self.short_side >= 8 and self.max_side >= self.short_side, "--short-side must be >= 8 and <= --max-side")
+        need(self.work_max_side >= 16, "--work-max-side must be at least 16")
+        need(self.max_samples >= 100, "--max-samples must be at least 100")
+        need(0.0 <= self.min_region_frac < 1.0, "--min-region must be a fraction in [0, 1)")
+        need(self.n_parts >= 2, "--parts must be at least 2")
+        need(self.crf_iterations >= 1, "--crf-iterations must be at least 1")
+
+    @property
+    def n_categories(self) -> int:
+        return self.categories if self.categories is not None else self.k - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SegmentConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def digest(self, *fields: str) -> str:
+        """Short hash of the named settings (all when none are named), for cache keys."""
+        data = self.to_dict()
+        if fields:
+            data = {f: data[f] for f in fields}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Settings that decide the features of one image (the feature cache key), and those that decide its
+# foreground regions given fitted centroids (the region cache key).
+FEATURE_FIELDS = ("backbone", "short_side", "max_side", "feature_kind", "work_max_side")
+REGION_FIELDS = FEATURE_FIELDS + (
+    "image_k", "fusion", "crf", "crf_iterations", "regions", "min_region_frac", "min_region_px", "seed",
+)

@@ -1,0 +1,120 @@
+"""Foreground masks from three clustering levels and their fusion (DESIGN steps 3-6).
+
+A k-means cluster of patch features is not yet "foreground" or "background": it is labelled by how much
+the CLS token attends to its patches (salient objects draw attention) and, when two clusters draw about
+the same attention, by how many of its patches lie on the image border (backgrounds touch the frame).
+Attention is compared after dividing each image's map by its mean, so images of different sizes and
+numbers of patches weigh the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from segcli.kmeans import KMeans, assign_nearest
+
+# Two clusters whose mean normalised attention differs by less than this are tied on attention.
+ATTENTION_TIE = 0.05
+
+
+def normalised_attention(attn: np.ndarray) -> np.ndarray:
+    """Attention divided by its image mean (1.0 = average patch)."""
+    a = np.asarray(attn, dtype=np.float32)
+    m = float(a.mean()) if a.size else 0.0
+    return a / m if m > 0 else np.ones_like(a)
+
+
+def border_grid(h: int, w: int) -> np.ndarray:
+    """Boolean (h, w) grid, True on the outermost ring of patches."""
+    b = np.zeros((h, w), dtype=bool)
+    b[0, :] = b[-1, :] = True
+    b[:, 0] = b[:, -1] = True
+    return b
+
+
+def label_clusters(labels: np.ndarray, n_clusters: int, attn: np.ndarray, border: np.ndarray) -> np.ndarray:
+    """Decide which clusters are foreground; returns a (n_clusters,) bool array.
+
+    Clusters are ranked by mean normalised attention (higher first), ties (within ATTENTION_TIE) broken by
+    border share (lower first). With two clusters the first is foreground; with more, every cluster whose
+    mean attention is above the overall mean is, always keeping at least one of each kind.
+    """
+    labels = np.asarray(labels).ravel()
+    attn = np.asarray(attn, dtype=np.float64).ravel()
+    border = np.asarray(border, dtype=np.float64).ravel()
+    counts = np.bincount(labels, minlength=n_clusters).astype(np.float64)
+    safe = np.maximum(counts, 1)
+    mean_attn = np.bincount(labels, weights=attn, minlength=n_clusters) / safe
+    border_share = np.bincount(labels, weights=border, minlength=n_clusters) / safe
+    # Empty clusters can never be foreground.
+    mean_attn[counts == 0] = -np.inf
+    border_share[counts == 0] = np.inf
+
+    def key(c: int) -> tuple[float, float]:
+        return (-np.round(mean_attn[c] / ATTENTION_TIE) if np.isfinite(mean_attn[c]) else np.inf, border_share[c])
+
+    order = sorted(range(n_clusters), key=key)
+    fg = np.zeros(n_clusters, dtype=bool)
+    if n_clusters == 2:
+        fg[order[0]] = True
+        return fg
+    overall = float(attn.mean()) if attn.size else 0.0
+    fg[mean_attn > overall] = True
+    if not fg.any():
+        fg[order[0]] = True
+    if fg.all():
+        fg[order[-1]] = False
+    return fg
+
+
+@dataclass
+class LevelModel:
+    """Fitted centroids of one clustering level and which of them are foreground."""
+
+    centroids: np.ndarray  # (k, D) float32
+    foreground: np.ndarray  # (k,) bool
+
+    def mask(self, feats: np.ndarray) -> np.ndarray:
+        """Foreground flag of each feature row (nearest centroid)."""
+        return self.foreground[assign_nearest(np.asarray(feats, dtype=np.float32), self.centroids)]
+
+
+def fit_level(feats: np.ndarray, attn: np.ndarray, border: np.ndarray, k: int, seed: int, max_samples: int) -> LevelModel:
+    """k-means on a sample of patches, clusters labelled foreground/background."""
+    km = KMeans(k, seed=seed, max_samples=max_samples).fit(np.asarray(feats, dtype=np.float32))
+    labels = km.predict(np.asarray(feats, dtype=np.float32))
+    return LevelModel(km.cluster_centers_.astype(np.float32), label_clusters(labels, k, attn, border))
+
+
+def image_level_mask(feats: np.ndarray, attn: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """M_I: k-means on one image's own patches; (h, w) bool."""
+    h, w, d = feats.shape
+    flat = np.asarray(feats, dtype=np.float32).reshape(-1, d)
+    if flat.shape[0] < k:
+        return np.asarray(attn) >= np.median(attn)
+    labels = KMeans(k, seed=seed, n_init=1).fit_predict(flat)
+    fg = label_clusters(labels, k, normalised_attention(attn), border_grid(h, w))
+    return fg[labels].reshape(h, w)
+
+
+FUSION_THRESHOLDS = {"any": 1, "majority": 2, "all": 3}
+# Steepness of the vote-to-probability map: one vote away from the threshold gives p = 0.25 / 0.75 ... at
+# +-1/6 of a vote fraction, so the CRF sees confident but not certain unaries it can still correct.
+_SOFT_SLOPE = float(np.log(3.0) / (1.0 / 6.0))
+
+
+def fuse(masks: list[np.ndarray], rule: str = "majority") -> tuple[np.ndarray, np.ndarray]:
+    """Consistency fusion of the level masks.
+
+    Returns (hard, soft): hard is foreground where at least the rule's number of levels agree; soft is a
+    probability from the vote fraction, a logistic centred on the rule's threshold, so that "soft > 0.5"
+    equals "hard" and bilinear upsampling of soft gives smooth boundaries for the CRF.
+    """
+    votes = np.sum([np.asarray(m, dtype=np.float32) for m in masks], axis=0)
+    need = FUSION_THRESHOLDS[rule] * len(masks) / 3.0
+    hard = votes >= need - 1e-6
+    centre = (need - 0.5) / len(masks)
+    soft = 1.0 / (1.0 + np.exp(-_SOFT_SLOPE * (votes / len(masks) - centre)))
+    return hard, soft.astype(np.float32)

@@ -1,0 +1,268 @@
+"""Writing results safely.
+
+* Every file is written atomically (:func:`atomic_write`): a hidden ``.<name>.<random>.tmp`` file in the target
+  folder, fsynced, then renamed over the target. An interrupted run leaves either the old file, the new file, or
+  a hidden ``*.tmp`` leftover, never a half-written result that a resumed run would take as done.
+* Output names come from image keys and never leave the output folder (:func:`output_path`).
+* Label maps are palette PNGs (mode ``P``): pixel value = class id, shown with the PASCAL VOC colour map.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+from PIL import Image
+
+from segcli.errors import OutputError
+
+
+def _voc_palette() -> bytes:
+    """The PASCAL VOC colour map (``VOCdevkit``'s ``labelcolormap``): bits of the id interleaved into R, G, B."""
+    out = bytearray()
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out += bytes((r, g, b))
+    return bytes(out)
+
+
+VOC_PALETTE: bytes = _voc_palette()
+_PALETTE_RGB = np.frombuffer(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def prepare_output_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` (and parents) if needed, check that files can be created in it, return it resolved.
+
+    :class:`OutputError` if it exists as a file, cannot be created, or is not writable.
+    """
+    out = Path(os.path.expanduser(str(out_dir)))
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output folder is a file: {out}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"cannot create output folder {out}: a file is in the way") from None
+    except OSError as err:
+        raise OutputError(f"cannot create output folder {out}: {_reason(err)}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".segcli-write-test-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"output folder is not writable: {out} ({_reason(err)})") from None
+    return out.resolve()
+
+
+def output_path(out_dir: Path, key: str, suffix: str = ".png") -> Path:
+    """``out_dir / (key + suffix)``, with its parent folders created.
+
+    :class:`OutputError` for keys that are empty, absolute, contain empty, ``.`` or ``..`` parts, or whose path
+    would land outside ``out_dir`` (for example through a symlinked subfolder planted in the output); the check
+    is made before any folder is created, so nothing is ever created outside ``out_dir``.
+    """
+    if not isinstance(key, str) or not key:
+        raise OutputError(f"refusing empty output name {key!r}")
+    if "\x00" in key or "\x00" in suffix or "/" in suffix:
+        raise OutputError(f"refusing output name {key + suffix!r}: bad character")
+    if key.startswith("/") or os.path.isabs(key) or (len(key) > 1 and key[1] == ":"):
+        raise OutputError(f"refusing absolute output name {key!r}")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise OutputError(f"refusing output name {key!r}: empty, '.' or '..' path parts")
+    root = Path(out_dir).resolve()
+
+    def inside(p: Path) -> bool:
+        return p == root or root in p.parents
+
+    current = root
+    for part in parts[:-1]:
+        current = current / part
+        if os.path.lexists(current):
+            if not inside(current.resolve()):
+                raise OutputError(f"refusing output path {current}: it leads outside the output folder {root}")
+            if not current.is_dir():
+                raise OutputError(f"cannot write under {current}: it is a file, not a folder")
+        else:
+            try:
+                current.mkdir()
+            except FileExistsError:
+                if not current.is_dir() or not inside(current.resolve()):
+                    raise OutputError(f"cannot create folder {current}") from None
+            except OSError as err:
+                raise OutputError(f"cannot create folder {current}: {_reason(err)}") from None
+    target = current / (parts[-1] + suffix)
+    if not inside(target.resolve()):
+        raise OutputError(f"refusing output path {target}: it leads outside the output folder {root}")
+    if target.is_dir():
+        raise OutputError(f"cannot write {target}: a folder of that name exists")
+    return target
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a hidden temp file in the same folder (``.<name>.*.tmp``),
+    which is flushed, fsynced and renamed over ``path``. On any exception the temp file is removed and the
+    exception re-raised (``OSError`` as :class:`OutputError` naming the file); ``path`` is left untouched.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {_reason(err)}") from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            try:
+                os.fchmod(f.fileno(), _FILE_MODE)
+            except (AttributeError, OSError):  # pragma: no cover - not on every platform
+                pass
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise OutputError(f"cannot write {path}: {_reason(err)}") from err
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D (H, W) array, got shape {labels.shape}")
+    if labels.size == 0:
+        raise ValueError("labels array is empty")
+    if labels.dtype == np.bool_:
+        return labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi > 255:
+        raise ValueError(f"label values must be in 0..255 for a palette PNG, got {lo}..{hi}")
+    return labels.astype(np.uint8, copy=False)
+
+
+def save_label_png(path: Path, labels: np.ndarray) -> None:
+    """Save an ``(H, W)`` integer array of class ids (0..255) as a mode ``P`` PNG with :data:`VOC_PALETTE`,
+    atomically. ``ValueError`` for other shapes, non-integer dtypes or values outside 0..255."""
+    arr = _check_labels(labels)
+    im = Image.fromarray(np.ascontiguousarray(arr))  # mode L
+    im.putpalette(VOC_PALETTE)  # -> mode P, pixel values unchanged
+    atomic_write(Path(path), lambda f: im.save(f, format="PNG"))
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """The pixel values (class ids) of a palette or greyscale PNG as ``uint8`` (palette not applied)."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode not in ("P", "L"):
+            raise ValueError(f"{path}: not a label PNG (mode {im.mode}, expected P or L)")
+        return np.array(im, dtype=np.uint8)
+
+
+def save_overlay(path: Path, rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> None:
+    """A picture for people: class colours (VOC palette) blended over the image with weight ``alpha``; background
+    (id 0) is left as it is; region boundaries are drawn in the full class colour. ``rgb`` is resized to the
+    labels' size when they differ. JPEG when ``path`` ends in ``.jpg``/``.jpeg``, PNG otherwise; atomic."""
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be within 0..1, got {alpha}")
+    lab = _check_labels(labels)
+    img = np.asarray(rgb)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ValueError(f"rgb must be an (h, w, 3) array, got shape {img.shape}")
+    img = np.ascontiguousarray(img[..., :3].astype(np.uint8, copy=False))
+    H, W = lab.shape
+    if img.shape[:2] != (H, W):
+        img = np.asarray(Image.fromarray(img).resize((W, H), Image.Resampling.BILINEAR))
+
+    colour = _PALETTE_RGB[lab].astype(np.float32)
+    fg = lab != 0
+    out = img.astype(np.float32)
+    a = float(alpha)
+    out[fg] = (1.0 - a) * out[fg] + a * colour[fg]
+
+    edge = _boundaries(lab, width=max(1, round(max(H, W) / 400))) & fg
+    out[edge] = colour[edge]
+    result = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+    path = Path(path)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        atomic_write(path, lambda f: result.save(f, format="JPEG", quality=90))
+    else:
+        atomic_write(path, lambda f: result.save(f, format="PNG"))
+
+
+def _boundaries(lab: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within ``width`` pixels (4-neighbour shifts) of a pixel with a different label."""
+    edge = np.zeros(lab.shape, dtype=bool)
+    for d in range(1, width + 1):
+        diff_v = lab[d:, :] != lab[:-d, :]
+        edge[d:, :] |= diff_v
+        edge[:-d, :] |= diff_v
+        diff_h = lab[:, d:] != lab[:, :-d]
+        edge[:, d:] |= diff_h
+        edge[:, :-d] |= diff_h
+    return edge
+
+
+def is_complete_png(path: Path) -> bool:
+    """True when ``path`` is a PNG that ends with its IEND chunk and decodes fully (a finished result)."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return False
+        size = path.stat().st_size
+        if size < 8 + len(_PNG_END):
+            return False
+        with open(path, "rb") as f:
+            f.seek(size - len(_PNG_END))
+            if f.read() != _PNG_END:
+                return False
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                return False
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not done, redo it"
+        return False

@@ -1,0 +1,75 @@
+"""How a run talks to its caller: progress, skipped images, notes, and per-stage timings.
+
+The pipeline only calls this small interface; the CLI passes a rich-backed reporter, Python users get a
+silent one (or their own subclass).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+
+class Reporter:
+    """Silent reporter; subclass to show progress."""
+
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        yield lambda n=1: None
+
+    def skip(self, name: str, reason: str) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+class RichReporter(Reporter):
+    """Progress bars and messages on stderr, so stdout stays clean for machine-readable output."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.quiet = quiet
+
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        if self.quiet or total == 0:
+            yield lambda n=1: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=self.console, transient=True,
+        ) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.console.print(f"[yellow]skipped[/] {reason}", markup=True, soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False, soft_wrap=True)
+
+
+class Timings:
+    """Wall-clock seconds accumulated per pipeline stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.seconds)
