@@ -58,7 +58,8 @@ class FeatureSource:
         if self.folder is not None:
             if not self.folder.root.is_dir():
                 raise UsageError(f"features folder not found: {self.folder.root}")
-            self.identity = "features:" + hashlib.sha256(str(self.folder.root.resolve()).encode()).hexdigest()[:12]
+            # Any folder in the documented format: a model fitted on one can label another (dims are checked).
+            self.identity = "features-folder"
             self.cache = None
         else:
             self.identity = self.backbone.fingerprint()

@@ -259,7 +259,8 @@ class Segmenter:
         h, w = f.grid
         flat = f.feats.reshape(h * w, -1).astype(np.float32)
         if flat.shape[1] != m.feature_dim:
-            raise BadImageError(f"feature dimension {flat.shape[1]} does not match the model's {m.feature_dim}")
+            raise ModelError(f"features have dimension {flat.shape[1]} but the model was fitted on {m.feature_dim}; "
+                             "use the backbone/features the model was fitted with")
         m_d = m.dataset.mask(flat).reshape(h, w)
         cls = f.cls.astype(np.float32)[None]
         cls /= max(float(np.linalg.norm(cls)), 1e-12)

@@ -1,0 +1,153 @@
+"""Finding prediction / ground-truth pairs.
+
+Files are keyed by their path relative to the folder, without the extension (``a/b.png`` and ``a/b.jpg`` both
+key ``a/b``), so any image extension works on either side. Ground truth may be a plain folder or a PASCAL VOC
+layout: ``VOCdevkit``, ``VOCdevkit/VOC2012``, ``VOC2012`` or its ``SegmentationClass`` folder; ``--split val``
+then keeps the ids of ``ImageSets/Segmentation/val.txt``. ``--split`` may also name a file of ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segcli.errors import InputError, UsageError
+
+IMAGE_EXTS = frozenset({".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg", ".webp", ".ppm", ".pgm", ".pbm"})
+
+
+@dataclass(frozen=True)
+class Pair:
+    key: str
+    pred: Path
+    gt: Path
+
+
+@dataclass
+class Pairing:
+    pairs: list[Pair]
+    missing: list[str] = field(default_factory=list)  # ground truth without prediction
+    extra: list[str] = field(default_factory=list)  # prediction without ground truth (not in the split)
+    gt_dir: Path | None = None
+    layout: str = "folder"  # "folder" | "voc"
+    split: str | None = None
+    outside_split: int = 0  # predictions of images outside --split (never an error)
+
+    @property
+    def num_gt(self) -> int:
+        return len(self.pairs) + len(self.missing)
+
+
+def scan_images(root: Path, what: str) -> dict[str, Path]:
+    """key -> path of every image file under ``root`` (hidden files and folders skipped)."""
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() not in IMAGE_EXTS or not path.is_file():
+            continue
+        key = rel.with_suffix("").as_posix()
+        if key in found:
+            raise InputError(f"two {what} files for {key!r}: {found[key].name} and {path.name} in {root}")
+        found[key] = path
+    return found
+
+
+def find_voc_root(gt: Path) -> Path | None:
+    """The ``VOC2012``-like folder (holding SegmentationClass) that ``gt`` designates, if any."""
+    for cand in (gt / "VOCdevkit" / "VOC2012", gt / "VOC2012", gt):
+        if (cand / "SegmentationClass").is_dir():
+            return cand
+    if gt.name == "SegmentationClass" and (gt.parent / "ImageSets" / "Segmentation").is_dir():
+        return gt.parent
+    return None
+
+
+def read_ids(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read split file {path}: {exc}") from None
+    ids = []
+    for line in lines:
+        tokens = line.split("#", 1)[0].split()
+        if tokens:
+            token = Path(tokens[0])
+            ids.append(token.with_suffix("").as_posix() if token.suffix.lower() in IMAGE_EXTS else token.as_posix())
+    if not ids:
+        raise InputError(f"split file {path} lists no ids")
+    return ids
+
+
+def _split_ids(split: str, voc_root: Path | None) -> list[str]:
+    as_file = Path(split)
+    if voc_root is not None:
+        listed = voc_root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if listed.is_file():
+            return read_ids(listed)
+    if as_file.is_file():
+        return read_ids(as_file)
+    if voc_root is not None:
+        folder = voc_root / "ImageSets" / "Segmentation"
+        names = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+        raise InputError(f"no split {split!r} in {folder} (found: {', '.join(names) or 'none'})")
+    raise UsageError(f"--split {split!r} needs a VOC layout (ImageSets/Segmentation/{split}.txt) or a file of ids")
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (", ..." if len(keys) > n else "")
+
+
+def pair_files(pred_dir: Path, gt: Path, split: str | None = None, allow_missing: bool = False) -> Pairing:
+    """Pair predictions with ground truth; missing/extra files are an InputError unless ``allow_missing``."""
+    pred_dir, gt = Path(pred_dir), Path(gt)
+    if not pred_dir.is_dir():
+        raise InputError(f"prediction folder {pred_dir} does not exist" if not pred_dir.exists() else f"{pred_dir} is not a folder")
+    if not gt.is_dir():
+        raise InputError(f"ground-truth folder {gt} does not exist" if not gt.exists() else f"{gt} is not a folder")
+    voc_root = find_voc_root(gt)
+    gt_dir = voc_root / "SegmentationClass" if voc_root is not None else gt
+    preds = scan_images(pred_dir, "prediction")
+    if not preds:
+        raise InputError(f"no prediction images in {pred_dir}")
+    gts = scan_images(gt_dir, "ground-truth")
+    outside = 0
+    if split is not None:
+        ids = _split_ids(split, voc_root)
+        lacking = [i for i in ids if i not in gts]
+        if lacking:
+            raise InputError(
+                f"{len(lacking)} ids of split {split!r} have no ground-truth file in {gt_dir} ({_examples(lacking)})"
+            )
+        gts = {i: gts[i] for i in dict.fromkeys(ids)}
+        outside = sum(1 for k in preds if k not in gts)
+        preds = {k: v for k, v in preds.items() if k in gts}
+    if not gts:
+        raise InputError(f"no ground-truth images in {gt_dir}")
+    keys = sorted(preds.keys() & gts.keys())
+    missing = sorted(gts.keys() - preds.keys())
+    extra = sorted(preds.keys() - gts.keys())
+    pairing = Pairing(
+        [Pair(k, preds[k], gts[k]) for k in keys], missing, extra, gt_dir,
+        "voc" if voc_root is not None else "folder", split, outside,
+    )  # fmt: skip
+    if not keys:
+        raise InputError(
+            f"no prediction in {pred_dir} matches a ground-truth file in {gt_dir} by relative path and name "
+            f"(predictions: {_examples(sorted(preds))}; ground truth: {_examples(sorted(gts))})"
+        )
+    if (missing or extra) and not allow_missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} ground-truth images have no prediction ({_examples(missing)})")
+        if extra:
+            parts.append(f"{len(extra)} predictions have no ground truth ({_examples(extra)})")
+        hint = f"; pass --allow-missing to score the {len(keys)} pairs that exist"
+        if extra and voc_root is not None and split is None:
+            hint += " (or --split val for a VOC layout)"
+        elif missing and voc_root is not None and split is None:
+            hint += " (or --split val to score the VOC val set)"
+        raise InputError("; ".join(parts) + hint)
+    return pairing
