@@ -170,7 +170,7 @@ def resize_normalise(rgb: np.ndarray, height: int, width: int, mean, std) -> tor
 
     a = as_rgb_uint8(rgb)
     if a.shape[0] != height or a.shape[1] != width:
-        a = np.asarray(Image.fromarray(a).resize((width, height), Image.Resampling.BICUBIC))
+        a = np.array(Image.fromarray(a).resize((width, height), Image.Resampling.BICUBIC))
     x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -326,7 +326,7 @@ def _strip_to_backbone(sd: dict[str, torch.Tensor], label: str) -> dict[str, tor
     suffix = "patch_embed.proj.weight"
     prefixes = sorted({k[: -len(suffix)] for k in sd if k.endswith(suffix)}, key=lambda s: ("teacher" not in s, len(s)))
     if not prefixes:
-        raise ModelError(f"weights file {label} is not a ViT checkpoint (no {suffix} among its {len(sd)} tensors)")
+        raise ModelError(f"{label} is not a ViT checkpoint (no {suffix} among its {len(sd)} tensors)")
     prefix = prefixes[0]
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -343,13 +343,20 @@ def _fit_state_dict(raw: dict, model: torch.nn.Module, name: str, label: str) ->
     got_pe = sd["patch_embed.proj.weight"].shape
     if len(got_pe) == 4 and tuple(got_pe[-2:]) != tuple(want_pe[-2:]):
         raise ModelError(
-            f"weights file {label} has patch size {got_pe[-1]} but {name} uses {want_pe[-1]}: "
+            f"{label} has patch size {got_pe[-1]} but {name} uses {want_pe[-1]}: "
             f"choose the matching --backbone"
+        )
+    got_reg = next((int(sd[k].shape[1]) for k in ("register_tokens", "reg_token") if k in sd and sd[k].ndim == 3), 0)
+    want_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
+    if got_reg != want_reg:
+        raise ModelError(
+            f"{label} has {got_reg or 'no'} register tokens but {name} has {want_reg or 'none'}: "
+            f"choose the matching --backbone (dinov2-s14-reg for 4 registers, dinov2-s14 without)"
         )
     try:
         sd = checkpoint_filter_fn(dict(sd), model)
     except Exception as err:
-        raise ModelError(f"weights file {label} cannot be converted for {name} ({_first_line(err)})") from None
+        raise ModelError(f"{label} cannot be converted for {name} ({_first_line(err)})") from None
     sd = {k: v for k, v in sd.items() if not re.match(r"(head|head_dist)\.", k)}
 
     want = model.state_dict()
@@ -365,7 +372,7 @@ def _fit_state_dict(raw: dict, model: torch.nn.Module, name: str, label: str) ->
             parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
-        raise ModelError(f"weights file {label} does not fit {name}: " + "; ".join(parts))
+        raise ModelError(f"{label} does not fit {name}: " + "; ".join(parts))
     out = {}
     for k, ref in want.items():
         v = sd[k]
@@ -425,7 +432,7 @@ def _fetch_pretrained(model: torch.nn.Module, name: str) -> tuple[dict, str]:
     # 1. the cache alone, with the hub switched to offline mode (no request, no retries)
     if hf_constants is not None:
         saved = hf_constants.HF_HUB_OFFLINE
-        hf_constants.HF_HUB_OFFLINE = True
+        pass
         try:
             return _timm_pretrained_state_dict(model), weights_id
         except Exception:
@@ -481,18 +488,18 @@ def load_backbone(
     _check_structure(model, timm_name)
     if weights is None:
         raw, weights_id = _fetch_pretrained(model, timm_name)
-        label = f"for pretrained {timm_name}"
+        label = f"the timm pretrained checkpoint of {timm_name}"
     else:
         path = Path(weights).expanduser()
         raw = read_checkpoint(path)
-        label = str(path)
+        label = f"weights file {path}"
         weights_id = None  # hashed below, only once the file is known to fit
     sd = _fit_state_dict(raw, model, timm_name, label)
     del raw
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as err:  # pragma: no cover - _fit_state_dict already checked keys and shapes
-        raise ModelError(f"weights file {label} does not fit {timm_name} ({_first_line(err)})") from None
+        raise ModelError(f"{label} does not fit {timm_name} ({_first_line(err)})") from None
     left = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:  # pragma: no cover - a timm model with non-persistent buffers
         raise ModelError(f"backbone {timm_name} is not supported: {left[0]} is not in any checkpoint")

@@ -95,6 +95,7 @@ Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|mps", rich_
 Precision = Annotated[str, typer.Option("--precision", help="fp32|bf16|fp16 backbone arithmetic (bf16/fp16: autocast on GPU).", rich_help_panel="Backbone")]
 ShortSide = Annotated[int, typer.Option("--short-side", help="Backbone input short side (aspect kept, multiple of the patch).", rich_help_panel="Backbone")]
 MaxSide = Annotated[int, typer.Option("--max-side", help="Cap on the backbone input long side.", rich_help_panel="Backbone")]
+WorkMaxSide = Annotated[int, typer.Option("--work-max-side", help="Larger images are processed at this long side and their mask upsampled to full size.", rich_help_panel="Backbone")]
 FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features: keys|queries|values|tokens.", rich_help_panel="Backbone")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (same-size images are batched).", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
@@ -155,7 +156,7 @@ def segment(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the label PNGs (same relative paths and stems).", rich_help_panel="Output")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Fitted model from cluster-dataset; without it segment fits on its own input first.", rich_help_panel="Method")] = None,
     overlay: Overlay = None, k: K = 21, backbone: Backbone = None, weights: Weights = None, device: Device = "auto",
-    precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, feature: FeatureKind = "keys",
+    precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, work_max_side: WorkMaxSide = 2048, feature: FeatureKind = "keys",
     batch_size: BatchSize = 8, threads: Threads = None, categories: Categories = None, fusion: Fusion = "majority",
     crf: Crf = True, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
     regions: Regions = "components", min_region: MinRegion = 0.01, min_region_px: MinRegionPx = 400,
@@ -184,7 +185,7 @@ def segment(
                 raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {backbone}")
         seg = _segmenter(fitted.config, reporter, model=fitted, **common)
     else:
-        cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, feature_kind=feature, k=k,
+        cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, work_max_side=work_max_side, feature_kind=feature, k=k,
                       categories=categories, fusion=fusion, crf=crf, regions=regions, min_region_frac=min_region,
                       min_region_px=min_region_px, assign=assign, class_method=class_method, n_parts=parts,
                       max_samples=max_samples, seed=seed)
@@ -201,7 +202,7 @@ def cluster_dataset(
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Also write the label PNGs of the dataset here.", rich_help_panel="Output")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: only extract features of the I-th of N parts into the cache (1-based), then exit; run once more without --shard to fit.", rich_help_panel="Input")] = None,
     overlay: Overlay = None, k: K = 21, backbone: Backbone = None, weights: Weights = None, device: Device = "auto",
-    precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, feature: FeatureKind = "keys",
+    precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, work_max_side: WorkMaxSide = 2048, feature: FeatureKind = "keys",
     batch_size: BatchSize = 8, threads: Threads = None, categories: Categories = None, fusion: Fusion = "majority",
     crf: Crf = True, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
     regions: Regions = "components", min_region: MinRegion = 0.01, min_region_px: MinRegionPx = 400,
@@ -225,7 +226,7 @@ def cluster_dataset(
         from segcli.outputs import prepare_output_dir
 
         prepare_output_dir(masks)
-    cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, feature_kind=feature, k=k,
+    cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, work_max_side=work_max_side, feature_kind=feature, k=k,
                   categories=categories, fusion=fusion, crf=crf, regions=regions, min_region_frac=min_region,
                   min_region_px=min_region_px, assign=assign, class_method=class_method, n_parts=parts,
                   max_samples=max_samples, seed=seed)

@@ -122,7 +122,7 @@ def discover_images(source: str | Path, split: str | None = None) -> list[ImageI
         raise InputError(f"{what} not found: {src}")
 
     if src.is_dir():
-        voc_root = _find_voc_root(src, split)
+        voc_root = _find_voc_root(src)
         if voc_root is not None:
             if split is None:
                 items = _walk_folder(voc_root / "JPEGImages")
@@ -157,7 +157,7 @@ def discover_images(source: str | Path, split: str | None = None) -> list[ImageI
     )
 
 
-def _find_voc_root(src: Path, split: str | None) -> Path | None:
+def _find_voc_root(src: Path) -> Path | None:
     for sub in _VOC_SUBDIRS:
         root = src / sub
         if (root / "JPEGImages").is_dir() and (root / "ImageSets" / "Segmentation").is_dir():
@@ -431,7 +431,7 @@ def _decode(im: Image.Image, max_side: int | None) -> LoadedImage:
     if max_side is not None and max(W, H) > max_side:
         scale = max_side / max(W, H)
         target = (max(1, min(max_side, round(W * scale))), max(1, min(max_side, round(H * scale))))
-        if im.format == "JPEG":
+        if im.format in ("JPEG", "MPO"):
             # Decode at 1/2, 1/4 or 1/8 scale when that still leaves at least the target size.
             req = (max(1, math.ceil(sw * scale)), max(1, math.ceil(sh * scale)))
             im.draft(None, req)

@@ -68,6 +68,15 @@ def _as_float32_2d(X: np.ndarray, name: str = "X") -> np.ndarray:
     return X
 
 
+def _first_distinct_rows(C: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct row, ascending (cheap for a few hundred rows)."""
+    seen: dict[bytes, int] = {}
+    C = np.ascontiguousarray(C)
+    for i in range(C.shape[0]):
+        seen.setdefault(C[i].tobytes(), i)
+    return np.fromiter(sorted(seen.values()), dtype=np.int64, count=len(seen))
+
+
 def assign_nearest(X: np.ndarray, centers: np.ndarray, chunk_size: int = 65536) -> np.ndarray:
     """Index of the nearest centre (squared L2) for every row of ``X``, as int64.
 
@@ -87,7 +96,7 @@ def assign_nearest(X: np.ndarray, centers: np.ndarray, chunk_size: int = 65536) 
         raise ValueError("chunk_size must be >= 1")
     # Exact duplicate centres: keep the first of each, so ties can never depend on BLAS rounding.
     n_centers = C.shape[0]
-    keep = np.sort(np.unique(C, axis=0, return_index=True)[1]) if n_centers > 1 else np.zeros(1, np.int64)
+    keep = _first_distinct_rows(C + 0.0)  # + 0.0: -0.0 and 0.0 are one value
     if len(keep) < n_centers:
         C = C[keep]
     half_sq = 0.5 * np.einsum("ij,ij->i", C, C)
@@ -105,7 +114,7 @@ def assign_nearest(X: np.ndarray, centers: np.ndarray, chunk_size: int = 65536) 
 
 
 def _sq_dists(X: np.ndarray, x_sq: np.ndarray, C: np.ndarray) -> np.ndarray:
-    d = X @ C.T
+    d = X @ np.ascontiguousarray(C.T)
     d *= -2.0
     d += x_sq[:, None]
     d += np.einsum("ij,ij->i", C, C)[None, :]
@@ -285,7 +294,7 @@ class KMeans:
 
         if n <= k or not np.any(X.max(axis=0) > X.min(axis=0)):
             # fewer rows than centres, or every row identical: the distinct rows are the centres
-            centers = np.unique(X, axis=0)[:k]
+            centers = X[_first_distinct_rows(X + 0.0)[:k]] if n <= k else X[:1]
             backend = "trivial"
         else:
             backend = self._choose_backend(n, d, k)
@@ -299,7 +308,7 @@ class KMeans:
                 centers, backend = _fit_sklearn(X, k, self.seed, self.n_init, self.max_iter)
             centers = np.asarray(centers, dtype=np.float32)
 
-        n_distinct = len(np.unique(centers, axis=0))
+        n_distinct = len(_first_distinct_rows(centers + 0.0))  # + 0.0: -0.0 and 0.0 are one value
         if len(centers) < k:
             centers = np.concatenate([centers, np.repeat(centers[:1], k - len(centers), axis=0)])
         labels = assign_nearest(X, centers)
@@ -359,7 +368,7 @@ def cluster_embeddings(
         raise ValueError(f"method must be 'kmeans' or 'spectral', got {method!r}")
     n = X.shape[0]
     k = int(n_clusters)
-    if n <= k + 1 or len(np.unique(X, axis=0)) <= k:
+    if n <= k + 1 or len(_first_distinct_rows(X + 0.0)) <= k:
         return KMeans(k, seed=seed).fit(X).cluster_centers_
 
     from scipy import sparse

@@ -403,6 +403,27 @@ def test_mode_I16_12bit_data_stretched(tmp_path):
     assert li.rgb[0, 0, 0] == 0 and li.rgb[0, 7, 0] == 255
 
 
+def test_mode_48bit_rgb_png(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = 4, 5
+    arr = np.zeros((h, w, 3), ">u2")
+    arr[..., 0] = 65535
+    arr[..., 1] = np.arange(w) * 16000
+    raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))
+    p = tmp_path / "rgb48.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                  + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    li = load_image(p)
+    _check(li, (h, w))
+    assert li.rgb[0, :, 0].tolist() == [255] * w
+    assert li.rgb[0, :, 1].tolist() == [0, 62, 125, 187, 250]
+
+
 def test_mode_I32_and_F_tiff(tmp_path):
     pi = tmp_path / "i32.tif"
     Image.fromarray(np.array([[0, 1000], [-1000, 100000]], np.int32)).save(pi)

@@ -154,6 +154,7 @@ def evaluate(
     return EvaluationResult(
         mode="per-image", method="per-image", mapping={}, matched_confusion=total.matched,
         iou=s.iou, present=s.present, tp=s.tp, gt_pixels=s.gt_pixels, pred_pixels=s.pred_pixels,
-        miou=float(np.mean([r.miou for r in scored])), pixel_accuracy=float(np.mean([r.pixel_accuracy for r in scored])),
+        miou=float(np.mean([r.miou for r in scored])),
+        pixel_accuracy=float(np.mean([r.pixel_accuracy for r in scored])),
         per_image=images, method_counts=counts, **common,
     )  # fmt: skip

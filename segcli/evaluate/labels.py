@@ -156,7 +156,9 @@ def label_array(img, path: Path, what: str, colour_table=None) -> np.ndarray:
                 f"prediction {path} is a colour ({mode}) image; evaluate needs label PNGs whose pixel values are "
                 "cluster ids (mode P or L)"
             )
-        raise InputError(f"ground truth {path} is a colour ({mode}) image; give --palette (voc, camvid, cityscapes or a file)")
+        raise InputError(
+            f"ground truth {path} is a colour ({mode}) image; give --palette (voc, camvid, cityscapes or a file)"
+        )
     raise InputError(f"{what} {path} has unsupported image mode {mode}; use 8-bit label PNGs (mode P or L)")
 
 
@@ -196,8 +198,9 @@ def gt_codes(arr: np.ndarray, spec: LabelSpec, path: Path) -> np.ndarray:
     return gt_lookup(spec)[arr]
 
 
-def invalid_values_error(arr_codes: np.ndarray, arr_raw: np.ndarray, spec: LabelSpec, path: Path) -> InputError:
-    bad = np.unique(arr_raw[arr_codes == spec.invalid_code])[:6].tolist()
+def invalid_values_error(values, spec: LabelSpec, path: Path) -> InputError:
+    """One-line error naming ground-truth values that are neither a class nor ignored."""
+    bad = [int(v) for v in list(values)[:6]]
     hint = f"--preset {spec.preset}" if spec.preset else f"--num-classes {spec.num_classes} / --ignore {spec.ignore}"
     return InputError(
         f"ground truth {path} has values {', '.join(map(str, bad))} that are neither classes 0..{spec.num_classes - 1} "

@@ -25,6 +25,22 @@ def image_confusion(pred: np.ndarray, codes: np.ndarray, ncols: int) -> np.ndarr
     return counts.astype(np.int64, copy=False).reshape(NUM_PRED_IDS, ncols)
 
 
+def raw_histogram(pred: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """(256, 256) int64 counts of (prediction id, raw 8-bit ground-truth value): the fast path for uint8 labels."""
+    idx = pred.astype(np.uint16)
+    idx <<= 8
+    idx |= raw
+    counts = np.bincount(idx.ravel(), minlength=NUM_PRED_IDS * 256)
+    return counts.astype(np.int64, copy=False).reshape(NUM_PRED_IDS, 256)
+
+
+def fold_columns(hist: np.ndarray, codes: np.ndarray, ncols: int) -> np.ndarray:
+    """Sum the raw-value columns of ``hist`` into code columns (``codes[v]`` = code of raw value ``v``)."""
+    out = np.zeros((hist.shape[0], ncols), dtype=np.int64)
+    np.add.at(out, (slice(None), codes.astype(np.intp)), hist)
+    return out
+
+
 def select_method(n_pred: int, n_classes: int, requested: str = "auto") -> str:
     """``hungarian`` when predicted ids <= classes, ``majority`` when there are more (unless requested)."""
     if requested in ("hungarian", "majority"):
@@ -122,7 +138,9 @@ def prediction_id_set(full: np.ndarray, num_clusters: int | None) -> np.ndarray:
     return np.arange(num_clusters)
 
 
-def match_and_score(full: np.ndarray, num_classes: int, matching: str = "auto", num_clusters: int | None = None) -> MatchResult:
+def match_and_score(
+    full: np.ndarray, num_classes: int, matching: str = "auto", num_clusters: int | None = None
+) -> MatchResult:
     """Matching and figures from a full (256, C + extra) confusion matrix."""
     ids = prediction_id_set(full, num_clusters)
     scored = full[ids, :num_classes]

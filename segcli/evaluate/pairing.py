@@ -32,6 +32,7 @@ class Pairing:
     layout: str = "folder"  # "folder" | "voc"
     split: str | None = None
     outside_split: int = 0  # predictions of images outside --split (never an error)
+    pred_dir: Path | None = None
 
     @property
     def num_gt(self) -> int:
@@ -104,9 +105,11 @@ def pair_files(pred_dir: Path, gt: Path, split: str | None = None, allow_missing
     """Pair predictions with ground truth; missing/extra files are an InputError unless ``allow_missing``."""
     pred_dir, gt = Path(pred_dir), Path(gt)
     if not pred_dir.is_dir():
-        raise InputError(f"prediction folder {pred_dir} does not exist" if not pred_dir.exists() else f"{pred_dir} is not a folder")
+        what = "does not exist" if not pred_dir.exists() else "is not a folder"
+        raise InputError(f"prediction folder {pred_dir} {what}")
     if not gt.is_dir():
-        raise InputError(f"ground-truth folder {gt} does not exist" if not gt.exists() else f"{gt} is not a folder")
+        what = "does not exist" if not gt.exists() else "is not a folder"
+        raise InputError(f"ground-truth folder {gt} {what}")
     voc_root = find_voc_root(gt)
     gt_dir = voc_root / "SegmentationClass" if voc_root is not None else gt
     preds = scan_images(pred_dir, "prediction")
@@ -131,7 +134,7 @@ def pair_files(pred_dir: Path, gt: Path, split: str | None = None, allow_missing
     extra = sorted(preds.keys() - gts.keys())
     pairing = Pairing(
         [Pair(k, preds[k], gts[k]) for k in keys], missing, extra, gt_dir,
-        "voc" if voc_root is not None else "folder", split, outside,
+        "voc" if voc_root is not None else "folder", split, outside, pred_dir,
     )  # fmt: skip
     if not keys:
         raise InputError(

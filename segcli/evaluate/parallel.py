@@ -23,6 +23,13 @@ def batched(items: Sequence[T], workers: int, max_batch: int = 64) -> list[list[
     return [list(items[i : i + size]) for i in range(0, n, size)]
 
 
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the main process, which cancels the pool and reports the interruption once."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_batches(
     func: Callable[..., R],
     batches: Iterable[Any],
@@ -42,7 +49,7 @@ def run_batches(
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     workers = min(workers, len(batches))
-    pool = ProcessPoolExecutor(max_workers=workers)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
     try:
         todo = iter(batches)
         pending = {pool.submit(func, b, *args) for b in islice(todo, 2 * workers)}

@@ -14,7 +14,6 @@ import numpy as np
 from segcli.errors import OutputError
 from segcli.evaluate.labels import LabelSpec
 from segcli.evaluate.metrics import NUM_PRED_IDS
-from segcli.evaluate.pairing import Pair
 from segcli.evaluate.scoring import load_pair
 
 UNMATCHED = 255

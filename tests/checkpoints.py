@@ -1,0 +1,151 @@
+"""Test helpers: random-weight ViT checkpoints in the layouts segcli accepts, and random backbones.
+
+No pretrained weights are needed (or downloaded): every tensor is drawn from a seeded generator, so the same
+(name, seed) always gives the same weights.  Typical use in other tests::
+
+    from tests.checkpoints import checkpoint_file, random_backbone
+    bb = random_backbone()                                  # ViT-S/16 DINO architecture, random weights, CPU
+    path = checkpoint_file("vit_tiny_patch16_224", "safetensors")
+
+Layouts written by :func:`save_checkpoint`:
+  'dino'          official DINO .pth naming (a plain backbone state dict, like dino_deitsmall16_pretrain.pth);
+                  for DINOv2 architectures the official DINOv2 naming (mask_token, register_tokens, pos_embed
+                  with the CLS position, cls_token without it)
+  'dino-train'    a full DINO training checkpoint: {'teacher', 'student', 'optimizer', 'epoch', 'args'
+                  (argparse.Namespace), 'dino_loss'} with 'module.backbone.' prefixes and a DINO head
+  'timm'          a plain timm state dict (torch.save)
+  'timm-wrapped'  {'state_dict': timm state dict + a 1000-class head, 'epoch': ...}
+  'safetensors'   the timm state dict as .safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+LAYOUTS = ("dino", "dino-train", "timm", "timm-wrapped", "safetensors")
+SMALL = "vit_small_patch16_224.dino"
+TINY = "vit_tiny_patch16_224"
+
+
+def random_state_dict(name: str = SMALL, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A timm-layout state dict (no head) for architecture ``name`` with seeded random values."""
+    from segcli.backbone import _build_model, resolve_backbone_name
+
+    model = _build_model(resolve_backbone_name(name))  # meta device: shapes only
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, t in model.state_dict().items():
+        shape = tuple(t.shape)
+        x = torch.randn(shape, generator=g)
+        if k.endswith("gamma"):  # LayerScale
+            x = 0.1 + 0.05 * x
+        elif t.ndim == 1 and "norm" in k and k.endswith("weight"):
+            x = 1.0 + 0.1 * x
+        elif k.endswith("bias"):
+            x = 0.1 * x
+        elif k in ("cls_token", "pos_embed", "reg_token"):
+            x = 0.5 * x
+        elif t.ndim >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            x = x * fan_in**-0.5
+        out[k] = x.contiguous()
+    return out
+
+
+def _to_official_dinov2(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Inverse of timm's _convert_dinov2."""
+    out = dict(sd)
+    dim = sd["cls_token"].shape[-1]
+    out["mask_token"] = torch.zeros(1, dim)
+    if "reg_token" in sd:
+        g = torch.Generator().manual_seed(seed + 1000)
+        pos_cls = 0.5 * torch.randn(1, 1, dim, generator=g)
+        out["register_tokens"] = out.pop("reg_token")
+        out["cls_token"] = sd["cls_token"] - pos_cls
+        out["pos_embed"] = torch.cat([pos_cls, sd["pos_embed"]], dim=1)
+    return out
+
+
+def save_checkpoint(path: str | Path, layout: str, name: str = SMALL, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Write a random-weight checkpoint of ``name`` in ``layout`` to ``path``.
+
+    Returns the timm-layout state dict it was derived from: what the loaded model must hold.  (For the
+    DINOv2-with-registers 'dino' layout the CLS token round-trips through a subtraction and an addition,
+    so compare it with a float tolerance.)
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+    path = Path(path)
+    sd = random_state_dict(name, seed)
+    if layout == "dino":
+        obj = _to_official_dinov2(sd, seed) if "dinov2" in name else dict(sd)
+        torch.save(obj, path)
+    elif layout == "dino-train":
+        dim = sd["cls_token"].shape[-1]
+        g = torch.Generator().manual_seed(seed + 1)
+        head = {
+            "head.mlp.0.weight": torch.randn(64, dim, generator=g),
+            "head.mlp.0.bias": torch.zeros(64),
+            "head.last_layer.weight_g": torch.ones(128, 1),
+            "head.last_layer.weight_v": torch.randn(128, 64, generator=g),
+        }
+        teacher = {f"module.backbone.{k}": v for k, v in sd.items()}
+        teacher.update({f"module.{k}": v for k, v in head.items()})
+        student = {k: v + 1.0 for k, v in teacher.items()}  # must not be the one that gets loaded
+        obj = {
+            "student": student,
+            "teacher": teacher,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "weight_decay": 0.04, "params": [0, 1]}]},
+            "epoch": 100,
+            "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005, data_path="/data"),
+            "dino_loss": {"center": torch.zeros(1, 128)},
+        }
+        torch.save(obj, path)
+    elif layout == "timm":
+        torch.save(sd, path)
+    elif layout == "timm-wrapped":
+        dim = sd["cls_token"].shape[-1]
+        full = dict(sd)
+        full["head.weight"] = torch.zeros(1000, dim)
+        full["head.bias"] = torch.zeros(1000)
+        torch.save({"state_dict": full, "epoch": 3, "arch": name}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return sd
+
+
+_TMP: list[Path] = []
+
+
+def _tmpdir() -> Path:
+    if not _TMP:
+        d = Path(tempfile.mkdtemp(prefix="segcli-test-ckpt-"))
+        atexit.register(shutil.rmtree, d, True)
+        _TMP.append(d)
+    return _TMP[0]
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_file(name: str = SMALL, layout: str = "timm", seed: int = 0) -> Path:
+    """A checkpoint file (written once per process, removed at exit) for ``name``/``layout``/``seed``."""
+    suffix = ".safetensors" if layout == "safetensors" else ".pth"
+    path = _tmpdir() / f"{name}-{layout}-{seed}{suffix}"
+    save_checkpoint(path, layout, name=name, seed=seed)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def random_backbone(name: str = SMALL, seed: int = 0, device: str = "cpu", precision: str = "fp32"):
+    """A loaded :class:`segcli.backbone.Backbone` with random weights (cached per process: do not modify)."""
+    from segcli.backbone import load_backbone
+
+    return load_backbone(name, weights=checkpoint_file(name, "timm", seed), device=device, precision=precision)
