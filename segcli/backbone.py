@@ -432,7 +432,7 @@ def _fetch_pretrained(model: torch.nn.Module, name: str) -> tuple[dict, str]:
     # 1. the cache alone, with the hub switched to offline mode (no request, no retries)
     if hf_constants is not None:
         saved = hf_constants.HF_HUB_OFFLINE
-        pass
+        hf_constants.HF_HUB_OFFLINE = True
         try:
             return _timm_pretrained_state_dict(model), weights_id
         except Exception:

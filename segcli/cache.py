@@ -100,10 +100,10 @@ class FeatureFolder:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.npz"
 
-    def load(self, key: str) -> ImageFeatures:
+    def load(self, key: str, image: Path | None = None) -> ImageFeatures:
         p = self.path(key)
         if not p.is_file():
-            raise BadImageError(f"{p}: no feature file for image {key!r}")
+            raise BadImageError(f"{image or key}: no feature file {p}")
         return load_features(p)
 
 

@@ -113,7 +113,7 @@ class FeatureSource:
             try:
                 if self.folder is not None:
                     with self.timings("feature io"):
-                        results[item.key] = self.folder.load(item.key)
+                        results[item.key] = self.folder.load(item.key, item.path)
                     continue
                 digest = self.item_id(item)
                 with self.timings("feature io"):

@@ -64,8 +64,17 @@ class SegModel:
         return save({k: np.ascontiguousarray(v) for k, v in self.tensors().items()}, metadata=self.metadata())
 
     def digest(self) -> str:
-        """Identity of the fitted state, used to key per-image results computed with it."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()[:16]
+        """Identity of the fitted state, used to key per-image results computed with it.
+
+        Hashes the arrays and the sorted metadata rather than the file bytes: safetensors writes its JSON
+        header in a per-process random order, so the same model can serialise to different bytes.
+        """
+        h = hashlib.sha256(json.dumps(self.metadata(), sort_keys=True).encode())
+        for name, arr in sorted(self.tensors().items()):
+            h.update(name.encode())
+            h.update(str(arr.shape).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()[:16]
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

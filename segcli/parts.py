@@ -88,14 +88,18 @@ def merge_parts(
     ``adjacency``: symmetric (n_parts, n_parts) counts summed over a dataset (:func:`part_adjacency`).
     Weights are :func:`normalised_weights`. Louvain (``networkx.community.louvain_communities``, seeded)
     runs on the parts that have at least one edge; its resolution is searched (geometric bracketing, then
-    bisection in log space) so that the number of communities plus the number of isolated parts reaches
-    ``n_classes``: an exact hit wins, else the closest count above (then merged down), else the closest
-    below. Nothing here looks at labels.
+    bisection in log space) so that the number of communities reaches ``n_classes``: an exact hit wins,
+    else the closest count above (then merged down), else the closest below. Nothing here looks at labels.
 
-    Too many communities (the search overshoots, or isolated parts are counted): the smallest community is
-    merged into the community it has the largest total edge weight with, repeatedly. A community with no
-    edges at all (an isolated part) goes to the community with the nearest mean centroid when ``centroids``
-    ((n_parts, d) part centres) is given, else to the largest community.
+    Too many communities (the search overshoots, or the graph has more connected components than
+    ``n_classes``): the smallest community is merged into the community it has the largest total edge weight
+    with, repeatedly; one with no edge to any other goes to the nearest community by (size-weighted) mean
+    centroid when ``centroids`` ((n_parts, d) part centres, optional) is given, else to the largest one.
+
+    Isolated parts (no edge: a part never seen touching another part, e.g. an empty k-means cluster) carry
+    no evidence, so they do not use up class slots: they join the nearest community by centroid (when
+    ``centroids`` is given) or the largest community -- except when the connected parts yield fewer than
+    ``n_classes`` communities, in which case the largest isolated parts fill the free slots as singletons.
 
     Sizes (for "smallest" and for numbering): ``part_sizes`` (e.g. patch counts per part) when given, else
     each part's total adjacency count. Communities are numbered by total size, descending (ties: lowest part
@@ -133,19 +137,41 @@ def merge_parts(
 
     connected = np.flatnonzero(W.sum(axis=1) > 0)
     isolated = np.flatnonzero(W.sum(axis=1) == 0)
-    labels = np.arange(n, dtype=np.int64)  # isolated parts: singleton communities
+    labels = np.arange(n, dtype=np.int64)  # community id = lowest member index; isolated parts: singletons
     if len(connected):
         G = nx.Graph()
         G.add_nodes_from(connected.tolist())
         iu, ju = np.nonzero(np.triu(W, 1))
         G.add_weighted_edges_from(zip(iu.tolist(), ju.tolist(), W[iu, ju].tolist()))
-        target = max(1, k - len(isolated))
-        comms = _search_resolution(G, target, seed)
-        for c in comms:
+        for c in _search_resolution(G, min(k, len(connected)), seed):
             members = sorted(c)
             labels[members] = members[0]
+    if len(isolated):
+        labels = _place_isolated(labels, connected, isolated, k, sizes, centroids)
     labels = _merge_down(labels, k, W, sizes, centroids)
     return _number_by_size(labels, sizes)
+
+
+def _place_isolated(labels, connected, isolated, k, sizes, centroids) -> np.ndarray:
+    """Isolated parts fill free class slots (largest first), the rest join the nearest / largest community."""
+    labels = labels.copy()
+    n_comm = len(np.unique(labels[connected]))
+    iso = isolated[np.lexsort((isolated, -sizes[isolated]))]  # largest first, ties by index
+    free = max(0, k - n_comm)
+    keep, attach = iso[:free], iso[free:]
+    if not len(attach):
+        return labels
+    base = np.concatenate([connected, keep])
+    ids = np.unique(labels[base])
+    if centroids is not None:
+        w = np.maximum(sizes, 1e-12)
+        means = np.stack([np.average(centroids[base[labels[base] == c]], axis=0, weights=w[base[labels[base] == c]]) for c in ids])
+        d = ((centroids[attach][:, None, :] - means[None]) ** 2).sum(-1)
+        labels[attach] = ids[np.argmin(d, axis=1)]
+    else:
+        tot = np.array([sizes[base[labels[base] == c]].sum() for c in ids])
+        labels[attach] = ids[np.lexsort((ids, -tot))[0]]
+    return labels
 
 
 def _search_resolution(G, target: int, seed: int, max_steps: int = 40) -> list[set[int]]:

@@ -200,7 +200,8 @@ class Segmenter:
         with self.timings("clustering"):
             X = np.concatenate(sample).astype(np.float32)
             n_parts = min(cfg.n_parts, len(X))
-            centroids = KMeans(n_parts, seed=cfg.seed, max_samples=cfg.max_samples).fit(X).cluster_centers_
+            # One initialisation and few iterations: parts are an over-segmentation, merged again below.
+            centroids = KMeans(n_parts, seed=cfg.seed, max_samples=cfg.max_samples, n_init=1, max_iter=25).fit(X).cluster_centers_
         adjacency = np.zeros((n_parts, n_parts), dtype=np.int64)
         sizes = np.zeros(n_parts, dtype=np.int64)
         for item, f, r in self._results(items, "part graph"):
@@ -209,7 +210,7 @@ class Segmenter:
                 adjacency += part_adjacency(grid, n_parts)
                 sizes += np.bincount(grid[grid >= 0], minlength=n_parts)
         with self.timings("clustering"):
-            communities = merge_parts(adjacency, cfg.k - 1, seed=cfg.seed, part_sizes=sizes)
+            communities = merge_parts(adjacency, cfg.k - 1, seed=cfg.seed, part_sizes=sizes, centroids=centroids)
         self.model_.part_centroids = centroids.astype(np.float32)
         self.model_.part_classes = communities.astype(np.int64) + 1
 

@@ -126,6 +126,20 @@ def test_every_layout_loads_identical_parameters(tmp_path, layout):
     assert not bb.model.training
 
 
+def test_teacher_wins_over_student_in_one_dict(tmp_path):
+    """DINOv2-style training checkpoints keep both networks in one dict: {'model': {'student.backbone.*',
+    'teacher.backbone.*', heads}}; the teacher is the released one."""
+    sd = random_state_dict(TINY, seed=6)
+    both = {}
+    for k, v in sd.items():
+        both[f"student.backbone.{k}"] = v + 1.0
+        both[f"teacher.backbone.{k}"] = v
+    both["teacher.dino_head.mlp.0.weight"] = torch.zeros(8, 192)
+    path = tmp_path / "train.pth"
+    torch.save({"model": both, "iteration": 10}, path)
+    assert_same_params(load_backbone(TINY, weights=path, device="cpu"), sd)
+
+
 def test_safetensors_content_with_pth_suffix_is_recognised(tmp_path):
     src = tmp_path / "w.safetensors"
     expected = save_checkpoint(src, "safetensors", name=TINY, seed=4)

@@ -167,3 +167,21 @@ def test_features_differ_between_weights(rgb):
     fa = extract_features(a, rgb, short_side=32)
     fo = extract_features(other, rgb, short_side=32)
     assert not torch.allclose(fa.feats, fo.feats, atol=1e-3)
+
+
+def test_q_and_k_norms_are_applied(rgb):
+    """Models with qk_norm (none of the DINO ones) normalise q and k per head before attention."""
+    from segcli.compat import import_timm
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, qk_norm=True, dynamic_img_size=True, num_classes=0)
+    model.eval().requires_grad_(False)
+    assert not isinstance(model.blocks[-1].attn.k_norm, torch.nn.Identity)
+    bb = Backbone(model, "vit_tiny_patch16_224-qknorm", torch.device("cpu"), "random")
+    x = bb.prepare(rgb, short_side=48)[None]
+    ref = by_hand(bb, x)
+    fb = bb.extract(x, "keys")
+    expect = F.normalize(ref["keys"][:, 1:], dim=-1).reshape(fb.feats.shape)
+    torch.testing.assert_close(fb.feats, expect, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fb.attn, ref["model_attn"][:, :, 0, 1:].mean(1).reshape(fb.attn.shape), atol=1e-6, rtol=1e-4)

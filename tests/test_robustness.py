@@ -133,11 +133,16 @@ def test_bad_images_skipped_and_counted(data, tmp_path):
     (images / "text.jpg").write_text("not an image")
     good = (images / "set0" / "img000.png").read_bytes()
     (images / "trunc.png").write_bytes(good[: len(good) // 2])
-    r = cli("segment", images, "--out", tmp_path / "o", *base_args(data, tmp_path))
+    feats = tmp_path / "features"
+    shutil.copytree(data / "features", feats)
+    for stem in ("zero", "text", "trunc"):  # features exist: the images themselves are what is bad
+        shutil.copy(feats / "set0" / "img000.npz", feats / f"{stem}.npz")
+    (images / "nofeat.png").write_bytes(good)
+    r = cli("segment", images, "--out", tmp_path / "o", *base_args(data, tmp_path)[2:], "--features", feats)
     assert r.exit_code == 4, r.output
-    for name in ("zero.png", "text.jpg", "trunc.png"):
+    for name in ("zero.png", "text.jpg", "trunc.png", "nofeat.png"):
         assert name in r.output
-    assert "3 skipped" in r.output
+    assert "4 skipped" in r.output
     assert len(list((tmp_path / "o").rglob("*.png"))) == 12
 
 
