@@ -103,6 +103,7 @@ K = Annotated[int, typer.Option("--k", help="Number of classes including backgro
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default k-1).", rich_help_panel="Method")]
 Fusion = Annotated[str, typer.Option("--fusion", help="Foreground where majority (2 of 3) | all | any of the levels agree.", rich_help_panel="Method")]
 Crf = Annotated[bool, typer.Option("--crf/--no-crf", help="Dense-CRF refinement of the foreground.", rich_help_panel="Method")]
+CrfMaxSide = Annotated[int, typer.Option("--crf-max-side", help="Run the CRF at this long side (kernels scaled), then upsample; 0 = full size.", rich_help_panel="Method")]
 Assign = Annotated[str, typer.Option("--assign", help="Class assignment: cls (CLS tokens of region crops) | pooled (mean patch feature of each region) | parts (community detection over parts).", rich_help_panel="Method")]
 ClassMethod = Annotated[str, typer.Option("--class-method", help="kmeans|spectral clustering of region embeddings.", rich_help_panel="Method")]
 Parts = Annotated[int, typer.Option("--parts", help="Number of parts to over-cluster into with --assign parts.", rich_help_panel="Method")]
@@ -158,7 +159,7 @@ def segment(
     overlay: Overlay = None, k: K = 21, backbone: Backbone = None, weights: Weights = None, device: Device = "auto",
     precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, work_max_side: WorkMaxSide = 2048, feature: FeatureKind = "keys",
     batch_size: BatchSize = 8, threads: Threads = None, categories: Categories = None, fusion: Fusion = "majority",
-    crf: Crf = True, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
+    crf: Crf = True, crf_max_side: CrfMaxSide = 320, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
     regions: Regions = "components", min_region: MinRegion = 0.01, min_region_px: MinRegionPx = 400,
     max_samples: MaxSamples = 100_000, seed: Seed = 0, cache: Cache = None, features: Features = None,
     split: Split = None, resume: Resume = True, quiet: Quiet = False,
@@ -186,7 +187,7 @@ def segment(
         seg = _segmenter(fitted.config, reporter, model=fitted, **common)
     else:
         cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, work_max_side=work_max_side, feature_kind=feature, k=k,
-                      categories=categories, fusion=fusion, crf=crf, regions=regions, min_region_frac=min_region,
+                      categories=categories, fusion=fusion, crf=crf, crf_max_side=crf_max_side, regions=regions, min_region_frac=min_region,
                       min_region_px=min_region_px, assign=assign, class_method=class_method, n_parts=parts,
                       max_samples=max_samples, seed=seed)
         seg = _segmenter(cfg, reporter, **common).fit(items)
@@ -204,7 +205,7 @@ def cluster_dataset(
     overlay: Overlay = None, k: K = 21, backbone: Backbone = None, weights: Weights = None, device: Device = "auto",
     precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, work_max_side: WorkMaxSide = 2048, feature: FeatureKind = "keys",
     batch_size: BatchSize = 8, threads: Threads = None, categories: Categories = None, fusion: Fusion = "majority",
-    crf: Crf = True, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
+    crf: Crf = True, crf_max_side: CrfMaxSide = 320, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
     regions: Regions = "components", min_region: MinRegion = 0.01, min_region_px: MinRegionPx = 400,
     max_samples: MaxSamples = 100_000, seed: Seed = 0, cache: Cache = None, features: Features = None,
     split: Split = None, resume: Resume = True, quiet: Quiet = False,
@@ -227,7 +228,7 @@ def cluster_dataset(
 
         prepare_output_dir(masks)
     cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, work_max_side=work_max_side, feature_kind=feature, k=k,
-                  categories=categories, fusion=fusion, crf=crf, regions=regions, min_region_frac=min_region,
+                  categories=categories, fusion=fusion, crf=crf, crf_max_side=crf_max_side, regions=regions, min_region_frac=min_region,
                   min_region_px=min_region_px, assign=assign, class_method=class_method, n_parts=parts,
                   max_samples=max_samples, seed=seed)
     seg = _segmenter(cfg, reporter, weights=weights, device=device, precision=precision, cache=cache,

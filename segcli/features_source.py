@@ -63,7 +63,9 @@ class FeatureSource:
             self.cache = None
         else:
             self.identity = self.backbone.fingerprint()
-            self.cache = FeatureCache(self.cache_root, f"{self.identity}-{config.digest(*FEATURE_FIELDS)}")
+            # Precision is part of the key: bf16 features must never be mixed with fp32 ones.
+            namespace = f"{self.identity}-{config.digest(*FEATURE_FIELDS)}-{self.backbone.precision}"
+            self.cache = FeatureCache(self.cache_root, namespace)
 
     @property
     def has_backbone(self) -> bool:

@@ -280,9 +280,9 @@ class Segmenter:
         with self.timings("crf"):
             prob = upsample(soft, rgb.shape[:2])
             if cfg.crf:
-                from segcli.crf import CRFParams, refine_foreground
+                from segcli.crf import CRFParams, refine_foreground_scaled
 
-                fg = refine_foreground(rgb, prob, CRFParams(iterations=cfg.crf_iterations))
+                fg = refine_foreground_scaled(rgb, prob, CRFParams(iterations=cfg.crf_iterations), cfg.crf_max_side)
             else:
                 fg = prob > 0.5
         with self.timings("regions"):

@@ -35,7 +35,15 @@ TINY = "vit_tiny_patch16_224"
 
 
 def random_state_dict(name: str = SMALL, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A timm-layout state dict (no head) for architecture ``name`` with seeded random values."""
+    """A timm-layout state dict (no head) for architecture ``name`` with seeded random values.
+
+    The tensors are cached and shared between calls: do not modify them in place.
+    """
+    return dict(_random_state_dict(name, seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _random_state_dict(name: str, seed: int) -> dict[str, torch.Tensor]:
     from segcli.backbone import _build_model, resolve_backbone_name
 
     model = _build_model(resolve_backbone_name(name))  # meta device: shapes only
