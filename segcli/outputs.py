@@ -266,3 +266,20 @@ def is_complete_png(path: Path) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means "not done, redo it"
         return False
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete ``.<name>.*.tmp`` leftovers of a killed run below ``folder``; returns how many.
+
+    SIGKILL leaves no chance to clean up, so a restarted run sweeps them before writing anything.
+    """
+    removed = 0
+    for p in Path(folder).rglob(".*.tmp"):
+        if p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+

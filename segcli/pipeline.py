@@ -333,13 +333,18 @@ class Segmenter:
     def predict(self, items: list[ImageItem], out_dir: str | Path, overlay_dir: str | Path | None = None,
                 resume: bool = True) -> RunSummary:
         """Write one label PNG per image (and optionally an overlay); finished files are kept on rerun."""
-        from segcli.outputs import is_complete_png, output_path, prepare_output_dir, save_label_png, save_overlay
+        from segcli.outputs import (
+            is_complete_png, output_path, prepare_output_dir, remove_stale_temporaries, save_label_png, save_overlay,
+        )
 
         if self.model_ is None:
             raise UsageError("predict() needs a fitted model: call fit() first or pass model=")
         t0 = time.perf_counter()
         out = prepare_output_dir(out_dir)
         ov = prepare_output_dir(overlay_dir) if overlay_dir else None
+        for folder in (out, ov):
+            if folder is not None:
+                remove_stale_temporaries(folder)
         done = self._resumable(out, resume)
         summary = RunSummary()
         todo = []
