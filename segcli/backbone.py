@@ -48,7 +48,7 @@ ALIASES: dict[str, str] = {
     "dinov2-s14": "vit_small_patch14_dinov2.lvd142m",
     "dinov2-s14-reg": "vit_small_patch14_reg4_dinov2.lvd142m",
 }
-DEFAULT_BACKBONE = "vit_small_patch16_224.dino"
+from segcli.config import DEFAULT_BACKBONE  # noqa: E402  (one definition, shared with the CLI)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 _WEIGHTS_HINT = "Download the checkpoint (see weights/README.md) and pass --weights FILE"

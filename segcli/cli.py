@@ -120,9 +120,21 @@ Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finishe
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
 
 
-def _config(**kw) -> SegmentConfig:
+# CLI parameter name -> SegmentConfig field, for the method options both fitting commands take.
+_CONFIG_OPTIONS = {
+    "backbone": "backbone", "short_side": "short_side", "max_side": "max_side", "work_max_side": "work_max_side",
+    "feature": "feature_kind", "k": "k", "categories": "categories", "fusion": "fusion", "crf": "crf",
+    "crf_max_side": "crf_max_side", "regions": "regions", "min_region": "min_region_frac",
+    "min_region_px": "min_region_px", "assign": "assign", "class_method": "class_method", "parts": "n_parts",
+    "max_samples": "max_samples", "seed": "seed",
+}
+
+
+def _config(options: dict) -> SegmentConfig:
+    """The SegmentConfig of a command's parsed options."""
     from segcli.backbone import resolve_backbone_name
 
+    kw = {field: options[name] for name, field in _CONFIG_OPTIONS.items()}
     kw["backbone"] = resolve_backbone_name(kw["backbone"] or DEFAULT_BACKBONE)
     return SegmentConfig(**kw)
 
@@ -186,10 +198,7 @@ def segment(
                 raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {backbone}")
         seg = _segmenter(fitted.config, reporter, model=fitted, **common)
     else:
-        cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, work_max_side=work_max_side, feature_kind=feature, k=k,
-                      categories=categories, fusion=fusion, crf=crf, crf_max_side=crf_max_side, regions=regions, min_region_frac=min_region,
-                      min_region_px=min_region_px, assign=assign, class_method=class_method, n_parts=parts,
-                      max_samples=max_samples, seed=seed)
+        cfg = _config(locals())
         seg = _segmenter(cfg, reporter, **common).fit(items)
     summary = seg.predict(items, out, overlay_dir=overlay, resume=resume)
     _finish("segment", summary, out, started)
@@ -227,10 +236,7 @@ def cluster_dataset(
         from segcli.outputs import prepare_output_dir
 
         prepare_output_dir(masks)
-    cfg = _config(backbone=backbone, short_side=short_side, max_side=max_side, work_max_side=work_max_side, feature_kind=feature, k=k,
-                  categories=categories, fusion=fusion, crf=crf, crf_max_side=crf_max_side, regions=regions, min_region_frac=min_region,
-                  min_region_px=min_region_px, assign=assign, class_method=class_method, n_parts=parts,
-                  max_samples=max_samples, seed=seed)
+    cfg = _config(locals())
     seg = _segmenter(cfg, reporter, weights=weights, device=device, precision=precision, cache=cache,
                      features=features, batch_size=batch_size, threads=threads)
     console = Console(stderr=True, highlight=False)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # pragma: no cover
     from segcli.backbone import Backbone
 
-KINDS = ("keys", "queries", "values", "tokens")
+from segcli.config import FEATURE_KINDS as KINDS  # noqa: E402  (one list, shared with the config)
 
 
 @dataclass

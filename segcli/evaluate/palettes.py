@@ -36,18 +36,10 @@ NAMED_PALETTES = ("voc", "camvid", "cityscapes")
 
 
 def voc_colours(n: int = 256) -> list[Colour]:
-    """The PASCAL VOC palette: bits of the index interleaved into the high bits of R, G and B."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append((r, g, b))
-    return out
+    """The PASCAL VOC palette (the same table segcli writes its masks with)."""
+    from segcli.outputs import VOC_PALETTE
+
+    return [tuple(VOC_PALETTE[3 * i: 3 * i + 3]) for i in range(n)]
 
 
 def colour_table(name_or_file: str) -> tuple[tuple[int, Colour], ...]:
