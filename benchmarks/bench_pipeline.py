@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--k", type=int, default=21)
     ap.add_argument("--no-crf", action="store_true")
+    ap.add_argument("--crf-max-side", type=int, default=160)
     args = ap.parse_args()
 
     import torch
@@ -58,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = args.weights or random_checkpoint(args.backbone, tmp)
-        cfg = SegmentConfig(backbone=args.backbone, k=args.k, crf=not args.no_crf)
+        cfg = SegmentConfig(backbone=args.backbone, k=args.k, crf=not args.no_crf, crf_max_side=args.crf_max_side)
         backbone = load_backbone(cfg.backbone, weights=weights, device=args.device, precision=args.precision)
         items = discover_images(args.images)
 
@@ -97,7 +98,7 @@ def main() -> None:
     needed = bare + crop
     print(f"segcli pipeline benchmark: {len(items)} images from {args.images}, backbone {cfg.backbone} "
           f"({'given weights' if args.weights else 'random weights'}), device {backbone.device}, precision {args.precision}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, crf {'off' if args.no_crf else f'at long side {args.crf_max_side}'}")
     print(f"{'stage':<22}{'seconds':>10}{'share':>9}")
     for name, sec in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"{name:<22}{sec:>10.3f}{sec / whole:>9.1%}")

@@ -45,7 +45,7 @@ class SegmentConfig:
     crf_iterations: int = 10
     # The CRF runs with the long side reduced to this (kernels scaled alike), then is upsampled: at full
     # size it costs ~3 ViT-S/16 forward passes per VOC image on a CPU. 0 = full size.
-    crf_max_side: int = 320
+    crf_max_side: int = 160
     # Regions (DESIGN 2.8): components smaller than min(min_region_frac * image area, min_region_px) go.
     regions: str = "components"
     min_region_frac: float = 0.01

@@ -134,7 +134,7 @@ def refine_foreground(rgb: np.ndarray, fg_prob: np.ndarray, params: CRFParams = 
 
 
 def refine_foreground_scaled(rgb: np.ndarray, fg_prob: np.ndarray, params: CRFParams = CRFParams(),
-                             max_side: int | None = 320) -> np.ndarray:
+                             max_side: int | None = 160) -> np.ndarray:
     """:func:`refine_foreground` run with the long side reduced to ``max_side``, result at full size.
 
     The dense CRF costs about 1 s per VOC image at full size, three times a ViT-S/16 forward pass on a CPU,
