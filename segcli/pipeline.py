@@ -168,7 +168,8 @@ class Segmenter:
     def _fit_classes(self, items: list[ImageItem]) -> None:
         """Cluster the embeddings of every region of the dataset into k - 1 classes."""
         cfg = self.config
-        embs = [r["emb"] for _, _, r in self._results(items, "regions")]
+        # Images without regions contribute nothing (their (0, 0) arrays cannot be stacked with the others).
+        embs = [r["emb"] for _, _, r in self._results(items, "regions") if len(r["emb"])]
         with self.timings("clustering"):
             X = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
             n = min(cfg.k - 1, X.shape[0])

@@ -5,11 +5,9 @@ downloaded), small backbone inputs and its own ``--cache`` folder (nothing touch
 weights no quality is claimed: the tests check files, sizes, exit codes, caching, fit/predict consistency,
 sharding, resuming and repeatability.
 
-Method options: the runs pass ``--fusion any --regions whole`` (``METHOD``). With the default options some
-images of a dataset end up with no foreground region while others have one, and the fit then crashes
-(pipeline.py:297 stores the embeddings of a region-less image as an (0, 0) array, which pipeline.py:173 cannot
-concatenate with the (n, 384) arrays of the other images; exit 1). That bug has its own strict-xfail test,
-``test_image_without_regions_next_images_with_regions``; the options here keep it out of the other tests.
+Method options: most runs pass ``--fusion any --regions whole`` (``METHOD``) so that every random-weight image
+has a region and class assignment is exercised everywhere; images without regions next to images with regions
+have their own test (``test_image_without_regions_next_images_with_regions``).
 """
 
 from __future__ import annotations
@@ -397,11 +395,7 @@ def test_same_seed_same_masks_with_backbone(tmp_path):
     assert [k for k in a if a[k] != b[k]] == []
 
 
-# ------------------------------------------------------------------ bug: an image without regions next to images with regions
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG pipeline.py:297: with --assign cls/pooled a region-less image stores emb = np.zeros((0, 0)), "
-    "and _fit_classes (pipeline.py:173) cannot concatenate it with the (n, 384) embeddings of other images: "
-    "ValueError, exit 1"))
+# ------------------------------------------------------------------ an image without regions next to images with regions
 @pytest.mark.parametrize("assign", ["cls", "pooled"])
 def test_image_without_regions_next_images_with_regions(tmp_path, monkeypatch, assign):
     """With random weights this happens with the default options on examples/ and voc-mini; here it is forced:
