@@ -227,3 +227,34 @@ def test_killed_run_resumes_without_redoing(big, tmp_path, sig):
     for name in outs:
         assert (tmp_path / "o" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     assert not [p for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_model_file_never_executes_code(data, tmp_path):
+    """A pickle disguised as a model file is refused and its payload never runs."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "m.segcli").write_bytes(pickle.dumps(Payload()))
+    r = cli("segment", data / "images", "--model", tmp_path / "m.segcli", "--out", tmp_path / "o", "--features", data / "features")
+    assert r.exit_code == 5
+    one_line_error(r)
+    assert not marker.exists()
+
+
+def test_model_round_trip(data, tmp_path):
+    from segcli.model_file import SegModel
+
+    r = cli("cluster-dataset", data / "images", "--out", tmp_path / "m.segcli", *base_args(data, tmp_path))
+    assert r.exit_code == 0, r.output
+    m = SegModel.load(tmp_path / "m.segcli")
+    m.save(tmp_path / "m2.segcli")
+    m2 = SegModel.load(tmp_path / "m2.segcli")
+    assert m.digest() == m2.digest()
+    assert m2.config.k == 4 and m2.config.assign == "pooled" and m2.version
+    for name, arr in m.tensors().items():
+        assert np.array_equal(arr, m2.tensors()[name]), name
