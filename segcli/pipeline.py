@@ -19,7 +19,7 @@ import numpy as np
 
 from segcli.cache import ImageFeatures, load_array_bundle, save_array_bundle
 from segcli.config import REGION_FIELDS, SegmentConfig
-from segcli.errors import BadImageError, ModelError, UsageError
+from segcli.errors import BadImageError, InputError, ModelError, UsageError
 from segcli.features_source import FeatureSource
 from segcli.foreground import LevelModel, border_grid, fit_level, fuse, image_level_mask, normalised_attention
 from segcli.images import ImageItem, load_image
@@ -124,7 +124,7 @@ class Segmenter:
         cfg = self.config
         quota = max(1, cfg.max_samples // max(1, len(items)))
         s_feats, s_attn, s_border, s_img, cls_tokens, used = [], [], [], [], [], []
-        for idx, (item, f) in enumerate(self._features(items, "features")):
+        for item, f in self._features(items, "features"):
             h, w = f.grid
             flat = f.feats.reshape(h * w, -1)
             pick = _rng(cfg.seed, 1, len(used)).choice(h * w, size=min(quota, h * w), replace=False)
@@ -135,7 +135,7 @@ class Segmenter:
             cls_tokens.append(f.cls)
             used.append(item)
         if not used:
-            raise BadImageError("no usable images: every input was skipped")
+            raise InputError(f"no usable images: all {len(items)} inputs were skipped")
         with self.timings("clustering"):
             feats = np.concatenate(s_feats).astype(np.float32)
             attn, border, img = np.concatenate(s_attn), np.concatenate(s_border), np.concatenate(s_img)

@@ -258,3 +258,16 @@ def test_model_round_trip(data, tmp_path):
     assert m2.config.k == 4 and m2.config.assign == "pooled" and m2.version
     for name, arr in m.tensors().items():
         assert np.array_equal(arr, m2.tensors()[name]), name
+
+
+def test_only_bad_images_is_an_input_error(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"")
+    (images / "b.png").write_text("no")
+    r = cli("segment", images, "--out", tmp_path / "o", "--features", tmp_path, "--assign", "pooled",
+            "--cache", tmp_path / "c", "--quiet")
+    assert r.exit_code == 3
+    lines = r.output.strip().splitlines()
+    assert lines[-1].startswith("segcli: error: no usable images")
+    assert "Traceback" not in r.output
