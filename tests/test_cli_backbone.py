@@ -162,6 +162,19 @@ def test_segment_examples_end_to_end(examples_run):
     assert not [p for p in masks.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_segment_examples_default_method_options(tmp_path):
+    """The plain command (default fusion, regions, CRF, class assignment) on examples/."""
+    out = tmp_path / "masks"
+    ok(cli("segment", EXAMPLES, "--out", out, "--weights", ckpt(), "--k", 4, "--cache", tmp_path / "cache", *FAST_EXAMPLES))
+    images = example_images()
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}.png" for p in images)
+    for img in images:
+        with Image.open(out / f"{img.stem}.png") as m:
+            assert m.mode == "P"
+            assert m.size == display_size(img), img.name
+            assert np.array(m).max() <= 3
+
+
 # ------------------------------------------------------------------ 2. checkpoint layouts
 @pytest.mark.parametrize("layout", ["dino", "safetensors"])
 def test_checkpoint_layouts_give_identical_masks(examples_run, tmp_path, layout):
@@ -386,11 +399,17 @@ def test_bad_and_odd_images(tmp_path):
 
 # ------------------------------------------------------------------ 9. repeatability
 def test_same_seed_same_masks_with_backbone(tmp_path):
+    """Default method options and a small --max-samples, so that patch sampling and every k-means
+    initialisation depend on the seed (on these pictures other seeds give other masks)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        scene(96 + 8 * (i % 3), 72 + 8 * (i % 2), seed=200 + i).save(images / f"s{i:02d}.png")
     for run in ("one", "two"):
-        ok(cli("segment", EXAMPLES, "--out", tmp_path / run, "--weights", ckpt(), "--k", 4, "--seed", 3,
-               "--cache", tmp_path / f"cache-{run}", *FAST_EXAMPLES, *METHOD))
+        ok(cli("segment", images, "--out", tmp_path / run, "--weights", ckpt(), "--k", 4, "--seed", 3,
+               "--max-samples", 300, "--cache", tmp_path / f"cache-{run}", *FAST))
     a, b = pngs(tmp_path / "one"), pngs(tmp_path / "two")
-    assert len(a) == len(example_images())
+    assert len(a) == 10
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
 
