@@ -47,6 +47,9 @@ def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: restore
+        # Ctrl-C / kill -INT so that they always stop the run promptly.
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
@@ -69,6 +72,7 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(EXIT_INTERNAL) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
     return wrapper
 
@@ -84,8 +88,8 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = None,
 ) -> None:
-    if debug:
-        _DEBUG["on"] = True
+    # Set on every invocation (not only when given): in-process callers run many commands in one process.
+    _DEBUG["on"] = debug or bool(os.environ.get("SEGCLI_DEBUG"))
 
 
 # ---------------------------------------------------------------- options shared by segment and cluster-dataset
