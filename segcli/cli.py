@@ -7,6 +7,7 @@ torch, timm and the stages are imported inside the commands.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import signal
 import sys
@@ -124,6 +125,30 @@ Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finishe
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
 
 
+# The options segment and cluster-dataset share, declared once: (parameter, annotated type, default).
+_SHARED_OPTIONS = [
+    ("overlay", Overlay, None), ("k", K, 21), ("backbone", Backbone, None), ("weights", Weights, None),
+    ("device", Device, "auto"), ("precision", Precision, "fp32"), ("short_side", ShortSide, 448),
+    ("max_side", MaxSide, 1344), ("work_max_side", WorkMaxSide, 2048), ("feature", FeatureKind, "keys"),
+    ("batch_size", BatchSize, 8), ("threads", Threads, None), ("categories", Categories, None),
+    ("fusion", Fusion, "majority"), ("crf", Crf, True), ("crf_max_side", CrfMaxSide, 160), ("assign", Assign, "cls"),
+    ("class_method", ClassMethod, "kmeans"), ("parts", Parts, 100), ("regions", Regions, "components"),
+    ("min_region", MinRegion, 0.01), ("min_region_px", MinRegionPx, 400), ("max_samples", MaxSamples, 100_000),
+    ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
+    ("resume", Resume, True), ("quiet", Quiet, False),
+]
+
+
+def with_shared_options(fn: Callable) -> Callable:
+    """Declare _SHARED_OPTIONS on a command whose own signature ends in ``**opts`` (Typer reads the signature)."""
+    sig = inspect.signature(fn, eval_str=True)  # this module's annotations are strings (PEP 563)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in _SHARED_OPTIONS]
+    fn.__signature__ = sig.replace(parameters=own + extra)
+    return fn
+
+
 # CLI parameter name -> SegmentConfig field, for the method options both fitting commands take.
 _CONFIG_OPTIONS = {
     "backbone": "backbone", "short_side": "short_side", "max_side": "max_side", "work_max_side": "work_max_side",
@@ -143,15 +168,17 @@ def _config(options: dict) -> SegmentConfig:
     return SegmentConfig(**kw)
 
 
-def _segmenter(config: SegmentConfig, reporter, *, model=None, weights, device, precision, cache, features, batch_size, threads):
+def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
+    """The pipeline for a command's parsed options (the run-time ones; the method ones are in config)."""
     from segcli.pipeline import Segmenter
 
-    if threads:
+    if opts["threads"]:
         import torch
 
-        torch.set_num_threads(threads)
-    return Segmenter(config, model=model, reporter=reporter, weights=weights, device=device, precision=precision,
-                     cache_dir=cache, features_dir=features, batch_size=batch_size)
+        torch.set_num_threads(opts["threads"])
+    return Segmenter(config, model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
+                     precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
+                     batch_size=opts["batch_size"])
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:
@@ -168,17 +195,12 @@ def _finish(command: str, summary, out: Path | None, started: float) -> None:
 
 @app.command()
 @handle_errors
+@with_shared_options
 def segment(
     images: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout, or a .txt list of paths.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the label PNGs (same relative paths and stems).", rich_help_panel="Output")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Fitted model from cluster-dataset; without it segment fits on its own input first.", rich_help_panel="Method")] = None,
-    overlay: Overlay = None, k: K = 21, backbone: Backbone = None, weights: Weights = None, device: Device = "auto",
-    precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, work_max_side: WorkMaxSide = 2048, feature: FeatureKind = "keys",
-    batch_size: BatchSize = 8, threads: Threads = None, categories: Categories = None, fusion: Fusion = "majority",
-    crf: Crf = True, crf_max_side: CrfMaxSide = 160, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
-    regions: Regions = "components", min_region: MinRegion = 0.01, min_region_px: MinRegionPx = 400,
-    max_samples: MaxSamples = 100_000, seed: Seed = 0, cache: Cache = None, features: Features = None,
-    split: Split = None, resume: Resume = True, quiet: Quiet = False,
+    **opts,
 ) -> None:
     """Write one label PNG per image: 0 = background, 1..k-1 = classes."""
     from segcli.images import discover_images
@@ -187,41 +209,33 @@ def segment(
     from segcli.report import RichReporter
 
     started = time.perf_counter()
-    reporter = RichReporter(quiet)
-    items = discover_images(images, split)
+    reporter = RichReporter(opts["quiet"])
+    items = discover_images(images, opts["split"])
     prepare_output_dir(out)
-    common = dict(weights=weights, device=device, precision=precision, cache=cache, features=features,
-                  batch_size=batch_size, threads=threads)
     if model is not None:
         fitted = SegModel.load(model)
-        if backbone is not None:
+        if opts["backbone"] is not None:
             from segcli.backbone import resolve_backbone_name
             from segcli.errors import ModelError
 
-            if resolve_backbone_name(backbone) != fitted.config.backbone:
-                raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {backbone}")
-        seg = _segmenter(fitted.config, reporter, model=fitted, **common)
+            if resolve_backbone_name(opts["backbone"]) != fitted.config.backbone:
+                raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {opts['backbone']}")
+        seg = _segmenter(fitted.config, reporter, opts, model=fitted)
     else:
-        cfg = _config(locals())
-        seg = _segmenter(cfg, reporter, **common).fit(items)
-    summary = seg.predict(items, out, overlay_dir=overlay, resume=resume)
+        seg = _segmenter(_config(opts), reporter, opts).fit(items)
+    summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"])
     _finish("segment", summary, out, started)
 
 
 @app.command("cluster-dataset")
 @handle_errors
+@with_shared_options
 def cluster_dataset(
     dataset: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout (with --split), or a .txt list of paths.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the fitted model (e.g. model.segcli).", rich_help_panel="Output")] = None,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Also write the label PNGs of the dataset here.", rich_help_panel="Output")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: only extract features of the I-th of N parts into the cache (1-based), then exit; run once more without --shard to fit.", rich_help_panel="Input")] = None,
-    overlay: Overlay = None, k: K = 21, backbone: Backbone = None, weights: Weights = None, device: Device = "auto",
-    precision: Precision = "fp32", short_side: ShortSide = 448, max_side: MaxSide = 1344, work_max_side: WorkMaxSide = 2048, feature: FeatureKind = "keys",
-    batch_size: BatchSize = 8, threads: Threads = None, categories: Categories = None, fusion: Fusion = "majority",
-    crf: Crf = True, crf_max_side: CrfMaxSide = 160, assign: Assign = "cls", class_method: ClassMethod = "kmeans", parts: Parts = 100,
-    regions: Regions = "components", min_region: MinRegion = 0.01, min_region_px: MinRegionPx = 400,
-    max_samples: MaxSamples = 100_000, seed: Seed = 0, cache: Cache = None, features: Features = None,
-    split: Split = None, resume: Resume = True, quiet: Quiet = False,
+    **opts,
 ) -> None:
     """Fit the dataset-level model (the 'fit' of fit/predict) and save it for `segment --model`."""
     from rich.console import Console
@@ -231,18 +245,16 @@ def cluster_dataset(
     from segcli.report import RichReporter
 
     started = time.perf_counter()
-    reporter = RichReporter(quiet)
+    reporter = RichReporter(opts["quiet"])
     part = _parse_shard(shard) if shard else None
     if part is None and out is None and masks is None:
         raise UsageError("give --out FILE for the model (and/or --masks DIR), or --shard I/N to only extract features")
-    items = discover_images(dataset, split)
+    items = discover_images(dataset, opts["split"])
     if masks is not None:
         from segcli.outputs import prepare_output_dir
 
         prepare_output_dir(masks)
-    cfg = _config(locals())
-    seg = _segmenter(cfg, reporter, weights=weights, device=device, precision=precision, cache=cache,
-                     features=features, batch_size=batch_size, threads=threads)
+    seg = _segmenter(_config(opts), reporter, opts)
     console = Console(stderr=True, highlight=False)
     if part is not None:
         i, n = part
@@ -259,7 +271,7 @@ def cluster_dataset(
         console.print(f"cluster-dataset: model fitted on {len(items) - len(seg.skipped)} images saved to {path} "
                       f"({path.stat().st_size / 1024:.0f} KiB)")
     if masks is not None:
-        summary = seg.predict(items, masks, overlay_dir=overlay, resume=resume)
+        summary = seg.predict(items, masks, overlay_dir=opts["overlay"], resume=opts["resume"])
         _finish("cluster-dataset", summary, masks, started)
     elif seg.skipped:
         raise typer.Exit(EXIT_SKIPPED)
