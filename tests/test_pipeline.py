@@ -102,3 +102,36 @@ def test_model_refuses_other_features(data, tmp_path):
     r = runner.invoke(app, ["segment", str(other / "images"), "--model", str(tmp_path / "m.segcli"), "--features",
                             str(other / "features"), "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")])
     assert r.exit_code == 5
+
+
+@pytest.mark.parametrize("extra", [
+    ["--class-method", "spectral"],
+    ["--fusion", "all"],
+    ["--fusion", "any"],
+    ["--categories", "2"],
+    ["--regions", "whole", "--min-region", "0.05"],
+    ["--crf-max-side", "0", "--work-max-side", "96"],
+])
+def test_method_options_still_recover_masks(data, tmp_path, extra):
+    root, gts = data
+    out = tmp_path / "masks"
+    r = run("segment", root / "images", "--features", root / "features", "--out", out, "--k", 4,
+            "--assign", "pooled", "--cache", tmp_path / "cache", "--quiet", *extra)
+    assert r.exit_code == 0, r.output
+    preds = read_masks(out, gts)
+    # --regions whole gives one class per image: the two-object images lose one object.
+    assert matched_miou(preds, gts, 4) > (0.7 if "whole" in extra else 0.95)
+
+
+def test_no_resume_rewrites_and_resume_keeps(data, tmp_path):
+    root, gts = data
+    args = ["segment", root / "images", "--features", root / "features", "--out", tmp_path / "o", "--k", 4,
+            "--assign", "pooled", "--cache", tmp_path / "cache", "--quiet"]
+    assert run(*args).exit_code == 0
+    first = {k: (tmp_path / "o" / f"{k}.png").stat().st_mtime_ns for k in gts}
+    r = run(*args)
+    assert r.exit_code == 0 and f"{len(gts)} kept" in r.output
+    assert first == {k: (tmp_path / "o" / f"{k}.png").stat().st_mtime_ns for k in gts}
+    r = run(*args, "--no-resume")
+    assert r.exit_code == 0 and "0 kept" in r.output
+    assert all((tmp_path / "o" / f"{k}.png").stat().st_mtime_ns != first[k] for k in gts)
