@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.outputs import is_complete_png, read_label_png
+from segcli.outputs import is_complete_png
 from tests.synthetic import make_dataset
 
 runner = CliRunner()
