@@ -168,7 +168,7 @@ class Segmenter:
         """Cluster the embeddings of every region of the dataset into k - 1 classes."""
         cfg = self.config
         # Images without regions contribute nothing (their (0, 0) arrays cannot be stacked with the others).
-        embs = [r["emb"] for _, _, r in self._results(items, "regions") if len(r["emb"])]
+        embs = [r["emb"] for _, _, r in self._results(items, "regions", need_features=False) if len(r["emb"])]
         with self.timings("clustering"):
             X = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
             n = min(cfg.k - 1, X.shape[0])
@@ -237,11 +237,38 @@ class Segmenter:
         h.update(self.source.identity.encode())
         return h.hexdigest()[:20]
 
-    def _results(self, items: list[ImageItem], description: str):
-        """(item, features, region bundle) per usable item; bundles are cached on disk."""
+    def _results(self, items: list[ImageItem], description: str, need_features: bool = True):
+        """(item, features, region bundle) per usable item; bundles are cached on disk.
+
+        With ``need_features=False`` an item whose bundle is already cached comes with features None, so
+        passes that only need regions and embeddings do not read every feature file again.
+        """
         root = self.source.cache_root / "regions" / self._region_key()
-        for item, f in self._features(items, description):
-            path = root / self.source.item_id(item)[:2] / f"{self.source.item_id(item)}.npz"
+
+        def bundle_path(item: ImageItem) -> Path:
+            digest = self.source.item_id(item)
+            return root / digest[:2] / f"{digest}.npz"
+
+        pending = []
+        for item in items:
+            if item.key in self.skipped:
+                continue
+            if need_features:
+                pending.append(item)
+                continue
+            try:
+                path = bundle_path(item)
+            except BadImageError as exc:
+                self._skip(item, exc)
+                continue
+            with self.timings("region io"):
+                bundle = load_array_bundle(path)
+            if bundle is None:
+                pending.append(item)
+            else:
+                yield item, None, bundle
+        for item, f in self._features(pending, description):
+            path = bundle_path(item)
             with self.timings("region io"):
                 bundle = load_array_bundle(path)
             if bundle is None:
@@ -304,8 +331,8 @@ class Segmenter:
         }
 
     # ------------------------------------------------------------------ predict
-    def labels(self, f: ImageFeatures, bundle: dict[str, np.ndarray]) -> np.ndarray:
-        """Class-id map (at the working resolution) of one image from its features and regions."""
+    def labels(self, f: ImageFeatures | None, bundle: dict[str, np.ndarray]) -> np.ndarray:
+        """Class-id map (at the working resolution) of one image from its regions (and features, for parts)."""
         m = self.model_
         regions = bundle["regions"].astype(np.int64)
         n = int(bundle["n"])
@@ -356,7 +383,7 @@ class Segmenter:
                 summary.reused += 1
             else:
                 todo.append(item)
-        for item, f, bundle in self._results(todo, "masks"):
+        for item, f, bundle in self._results(todo, "masks", need_features=self.config.assign == "parts"):
             with self.timings("clustering"):
                 labels = self.labels(f, bundle)
             size = tuple(int(v) for v in bundle["original_size"])
