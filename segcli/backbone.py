@@ -219,9 +219,9 @@ class Backbone:
         h, w = self.input_size(a.shape[0], a.shape[1], short_side, max_side)
         return resize_normalise(a, h, w, self.mean, self.std)
 
-    def extract(self, batch: torch.Tensor, kind: str = "keys") -> FeatureBatch:
+    def extract(self, batch: torch.Tensor, kind: str = "keys", proposal_heads: int = 5) -> FeatureBatch:
         """Features of a normalised batch (B, 3, H, W) (any device); one forward pass, inference mode."""
-        return compute_features(self, batch, kind=kind)
+        return compute_features(self, batch, kind=kind, proposal_heads=proposal_heads)
 
     def extract_image(self, rgb: np.ndarray, short_side: int = 448, kind: str = "keys", max_side: int | None = 1344) -> FeatureBatch:
         """prepare + extract for one image (B = 1)."""

@@ -8,11 +8,17 @@ array      shape           dtype      meaning
 ``feats``  (h, w, D)       float16    patch features on the patch grid, L2-normalised per patch
 ``cls``    (C,)            float32    the image's CLS token (used to find its category)
 ``attn``   (h, w)          float16    CLS-to-patch attention averaged over heads (saliency)
+``proposal`` (h, w)        bool       MaskDistill's object proposal (:mod:`segcli.proposal`); optional
 =========  ==============  =========  ==========================================================
 
+``proposal`` is always written by the backbone cache (for a model with a CLS token); in a bring-your-own
+folder it may be absent, and is then only an error for ``--prior maskdistill`` or ``vote``.  Its values
+must be booleans or the numbers 0 and 1.
+
 The backbone cache lives under ``<cache>/features/<namespace>/<sha[:2]>/<sha>.npz`` where ``sha`` is the
-SHA-256 of the image file and ``namespace`` hashes backbone, weights and input settings: a second run on
-the same images never runs the backbone again, and a renamed or copied image is still found.
+SHA-256 of the image file and ``namespace`` hashes backbone, weights, input settings and :data:`CACHE_FORMAT`: a second run
+on the same images never runs the backbone again, a renamed or copied image is still found, and entries of
+an older format (e.g. without ``proposal``) are recomputed under a new namespace rather than misread.
 A bring-your-own folder (``--features DIR``) holds ``DIR/<key>.npz``, where ``key`` is the image's path
 relative to the input folder without its extension (``sub/img.jpg`` -> ``DIR/sub/img.npz``).
 """
@@ -29,12 +35,16 @@ import numpy as np
 from segcli.errors import BadImageError
 from segcli.outputs import atomic_write
 
+# Version of what a backbone cache entry holds; part of the cache namespace. 2: + ``proposal``.
+CACHE_FORMAT = 2
+
 
 @dataclass
 class ImageFeatures:
     feats: np.ndarray  # (h, w, D) float16
     cls: np.ndarray  # (C,) float32
     attn: np.ndarray  # (h, w) float16
+    proposal: np.ndarray | None = None  # (h, w) bool MaskDistill object proposal, None when not provided
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -48,6 +58,8 @@ def save_features(path: Path, f: ImageFeatures) -> None:
         "cls": np.ascontiguousarray(f.cls, dtype=np.float32),
         "attn": np.ascontiguousarray(f.attn, dtype=np.float16),
     }
+    if f.proposal is not None:
+        arrays["proposal"] = np.ascontiguousarray(f.proposal, dtype=bool)
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
@@ -56,6 +68,7 @@ def load_features(path: Path) -> ImageFeatures:
     try:
         with np.load(path, allow_pickle=False) as z:
             feats, cls, attn = z["feats"], z["cls"], z["attn"]
+            proposal = z["proposal"] if "proposal" in z.files else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise BadImageError(f"{path}: unreadable feature file ({exc})") from None
     if feats.ndim != 3 or attn.shape != feats.shape[:2] or cls.ndim != 1:
@@ -65,7 +78,30 @@ def load_features(path: Path) -> ImageFeatures:
         )
     if not (np.isfinite(feats).all() and np.isfinite(attn).all() and np.isfinite(cls).all()):
         raise BadImageError(f"{path}: feature file holds NaN or infinite values")
-    return ImageFeatures(feats.astype(np.float16, copy=False), cls.astype(np.float32, copy=False), attn.astype(np.float16, copy=False))
+    if proposal is not None:
+        proposal = _proposal_mask(path, proposal, feats.shape[:2])
+    return ImageFeatures(feats.astype(np.float16, copy=False), cls.astype(np.float32, copy=False),
+                         attn.astype(np.float16, copy=False), proposal)
+
+
+def _proposal_mask(path: Path, proposal: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A file's ``proposal`` array as an (h, w) bool mask; anything but 0/1 values on the grid is an error."""
+    if proposal.shape != tuple(grid):
+        raise BadImageError(f"{path}: proposal has shape {proposal.shape}, expected the patch grid {tuple(grid)}")
+    if proposal.dtype == bool:
+        return proposal
+    if proposal.dtype.kind not in "iuf" or not np.isin(proposal, (0, 1)).all():
+        raise BadImageError(f"{path}: proposal must hold booleans or the numbers 0 and 1")
+    return proposal.astype(bool)
+
+
+def has_proposal(path: Path) -> bool:
+    """Whether a feature file holds a ``proposal`` array (reads the zip directory only, no array data)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "proposal" in z.files
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
 
 
 class FeatureCache:

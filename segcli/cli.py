@@ -107,6 +107,8 @@ Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads f
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default k-1).", rich_help_panel="Method")]
 Fusion = Annotated[str, typer.Option("--fusion", help="Foreground where majority (2 of 3) | all | any of the levels agree.", rich_help_panel="Method")]
+Prior = Annotated[str, typer.Option("--prior", help="Foreground prior: levels (the three clustering levels) | maskdistill (MaskDistill's object proposal alone) | vote (the proposal as a fourth vote; a 2-2 majority tie goes its way).", rich_help_panel="Method")]
+ProposalHeads = Annotated[int, typer.Option("--proposal-heads", help="Heads whose CLS row the MaskDistill proposal averages (the first N; 0 = all). 5 = MaskDistill's ViT-S/16 setting.", rich_help_panel="Method")]
 Crf = Annotated[bool, typer.Option("--crf/--no-crf", help="Dense-CRF refinement of the foreground.", rich_help_panel="Method")]
 CrfMaxSide = Annotated[int, typer.Option("--crf-max-side", help="Run the CRF at this long side (kernels scaled), then upsample; 0 = full size.", rich_help_panel="Method")]
 Assign = Annotated[str, typer.Option("--assign", help="Class assignment: cls (CLS tokens of region crops) | pooled (mean patch feature of each region) | parts (community detection over parts).", rich_help_panel="Method")]
@@ -135,7 +137,7 @@ _SHARED_OPTIONS = [
     ("class_method", ClassMethod, "kmeans"), ("parts", Parts, 100), ("regions", Regions, "components"),
     ("min_region", MinRegion, 0.01), ("min_region_px", MinRegionPx, 400), ("max_samples", MaxSamples, 100_000),
     ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
-    ("resume", Resume, True), ("quiet", Quiet, False),
+    ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
 ]
 
 
@@ -155,7 +157,7 @@ _CONFIG_OPTIONS = {
     "feature": "feature_kind", "k": "k", "categories": "categories", "fusion": "fusion", "crf": "crf",
     "crf_max_side": "crf_max_side", "regions": "regions", "min_region": "min_region_frac",
     "min_region_px": "min_region_px", "assign": "assign", "class_method": "class_method", "parts": "n_parts",
-    "max_samples": "max_samples", "seed": "seed",
+    "max_samples": "max_samples", "seed": "seed", "prior": "prior", "proposal_heads": "proposal_heads",
 }
 
 

@@ -20,6 +20,8 @@ FUSION_RULES = ("majority", "all", "any")
 ASSIGN_METHODS = ("cls", "pooled", "parts")
 CLASS_METHODS = ("kmeans", "spectral")
 REGION_MODES = ("components", "whole")
+# Foreground prior: the three clustering levels, MaskDistill's object proposal alone, or both (4 votes).
+PRIORS = ("levels", "maskdistill", "vote")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class SegmentConfig:
     image_k: int = 2
     fusion: str = "majority"
     max_samples: int = 100_000
+    # Foreground prior (README "Foreground prior"): levels | maskdistill | vote, and the number of heads
+    # whose CLS row the MaskDistill proposal averages (5 = MaskDistill's ViT-S/16 setting; 0 = all).
+    prior: str = "levels"
+    proposal_heads: int = 5
     # Refinement (DESIGN 2.7).
     crf: bool = True
     crf_iterations: int = 10
@@ -68,6 +74,8 @@ class SegmentConfig:
         need(self.fusion in FUSION_RULES, f"unknown fusion rule {self.fusion!r}; use one of {', '.join(FUSION_RULES)}")
         need(self.assign in ASSIGN_METHODS, f"unknown --assign {self.assign!r}; use one of {', '.join(ASSIGN_METHODS)}")
         need(self.class_method in CLASS_METHODS, f"unknown class method {self.class_method!r}; use one of {', '.join(CLASS_METHODS)}")
+        need(self.prior in PRIORS, f"unknown --prior {self.prior!r}; use one of {', '.join(PRIORS)}")
+        need(self.proposal_heads >= 0, f"--proposal-heads must be 0 (all heads) or more, got {self.proposal_heads}")
         need(self.regions in REGION_MODES, f"unknown region mode {self.regions!r}; use one of {', '.join(REGION_MODES)}")
         for name in ("dataset_k", "category_k", "image_k"):
             need(getattr(self, name) >= 2, f"--{name.replace('_', '-')} must be at least 2, got {getattr(self, name)}")
@@ -102,7 +110,7 @@ class SegmentConfig:
 
 # Settings that decide the features of one image (the feature cache key), and those that decide its
 # foreground regions given fitted centroids (the region cache key).
-FEATURE_FIELDS = ("backbone", "short_side", "max_side", "feature_kind", "work_max_side")
+FEATURE_FIELDS = ("backbone", "short_side", "max_side", "feature_kind", "work_max_side", "proposal_heads")
 REGION_FIELDS = FEATURE_FIELDS + (
-    "image_k", "fusion", "crf", "crf_iterations", "crf_max_side", "regions", "min_region_frac", "min_region_px", "seed",
+    "prior", "image_k", "fusion", "crf", "crf_iterations", "crf_max_side", "regions", "min_region_frac", "min_region_px", "seed",
 )

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from segcli.backbone import Backbone
 
 from segcli.config import FEATURE_KINDS as KINDS  # noqa: E402  (one list, shared with the config)
+from segcli.proposal import object_proposals  # noqa: E402
 
 
 @dataclass
@@ -36,11 +37,14 @@ class FeatureBatch:
     attn:  (B, h, w) CLS-to-patch attention of the last block, averaged over heads.  The softmax runs over
         all tokens (prefix tokens included) and the prefix columns are then dropped, so every map sums to
         at most 1.
+    proposal: (B, h, w) bool MaskDistill object proposal (:mod:`segcli.proposal`), None for a model
+        without a CLS token.
     """
 
     feats: torch.Tensor
     cls: torch.Tensor
     attn: torch.Tensor
+    proposal: torch.Tensor | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -96,10 +100,11 @@ def _heads_to_patches(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3).reshape(B, N, H * d)
 
 
-def compute_features(backbone: "Backbone", batch: torch.Tensor, kind: str = "keys") -> FeatureBatch:
+def compute_features(backbone: "Backbone", batch: torch.Tensor, kind: str = "keys", proposal_heads: int = 5) -> FeatureBatch:
     """Run the backbone once on a normalised batch (B, 3, H, W) and build its :class:`FeatureBatch`.
 
     H and W should be multiples of the patch size; any remainder rows/columns (bottom/right) are cropped.
+    ``proposal_heads``: heads averaged for the proposal's CLS row (:func:`segcli.proposal.object_proposal`).
     """
     check_kind(kind)
     if batch.ndim != 4 or batch.shape[1] != 3:
@@ -119,6 +124,9 @@ def compute_features(backbone: "Backbone", batch: torch.Tensor, kind: str = "key
         out = out.float()
         q, k, v = split_qkv(attn_module, store.pop("qkv"))
         attn = cls_attention(q, k, float(attn_module.scale)).mean(dim=1)  # (B, N)
+        proposal = None  # MaskDistill's object proposal needs the CLS query and the unscaled keys
+        if getattr(model, "cls_token", None) is not None:
+            proposal = object_proposals(q, k, (h, w), n_prefix, heads=proposal_heads)
         if kind == "keys":
             tok = _heads_to_patches(k)
         elif kind == "queries":
@@ -137,6 +145,7 @@ def compute_features(backbone: "Backbone", batch: torch.Tensor, kind: str = "key
             feats=feats.to("cpu", torch.float32).contiguous(),
             cls=cls.to("cpu", torch.float32).contiguous(),
             attn=attn_map.to("cpu", torch.float32).contiguous(),
+            proposal=proposal,
         )
 
 

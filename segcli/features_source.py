@@ -12,9 +12,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from segcli.cache import FeatureCache, FeatureFolder, ImageFeatures
+from segcli.cache import CACHE_FORMAT, FeatureCache, FeatureFolder, ImageFeatures, has_proposal
 from segcli.config import FEATURE_FIELDS, SegmentConfig
-from segcli.errors import BadImageError, UsageError
+from segcli.errors import BadImageError, InputError, UsageError
 from segcli.images import ImageItem, content_digest, load_image
 from segcli.report import Timings
 
@@ -64,7 +64,7 @@ class FeatureSource:
         else:
             self.identity = self.backbone.fingerprint()
             # Precision is part of the key: bf16 features must never be mixed with fp32 ones.
-            namespace = f"{self.identity}-{config.digest(*FEATURE_FIELDS)}-{self.backbone.precision}"
+            namespace = f"{self.identity}-{config.digest(*FEATURE_FIELDS)}-{self.backbone.precision}-v{CACHE_FORMAT}"
             self.cache = FeatureCache(self.cache_root, namespace)
 
     @property
@@ -137,17 +137,36 @@ class FeatureSource:
             import torch
 
             with self.timings("forward"):
-                fb = self.backbone.extract(torch.stack([t for _, t in group]), kind=self.config.feature_kind)
+                fb = self.backbone.extract(torch.stack([t for _, t in group]), kind=self.config.feature_kind,
+                                           proposal_heads=self.config.proposal_heads)
             for i, (item, _) in enumerate(group):
                 f = ImageFeatures(
                     feats=fb.feats[i].numpy().astype(np.float16),
                     cls=fb.cls[i].numpy().astype(np.float32),
                     attn=fb.attn[i].numpy().astype(np.float16),
+                    proposal=None if fb.proposal is None else fb.proposal[i].numpy().astype(bool),
                 )
                 with self.timings("feature io"):
                     self.cache.save(self.item_id(item), f)
                 results[item.key] = f
         return [(item, results[item.key]) for item in items]
+
+    def check_proposals(self, items: list[ImageItem]) -> None:
+        """Fail before any work when ``--prior maskdistill``/``vote`` cannot get a proposal for these images.
+
+        A backbone without a CLS token has no proposal; a ``--features`` folder must hold a ``proposal``
+        array in every file (missing files are left to the per-image checks, which skip them).
+        """
+        if self.folder is None:
+            if getattr(self.backbone.model, "cls_token", None) is None:
+                raise UsageError(f"--prior {self.config.prior} needs a CLS token, which {self.backbone.name} has not; "
+                                 "use --prior levels")
+            return
+        lacking = [p for p in (self.folder.path(i.key) for i in items) if p.is_file() and not has_proposal(p)]
+        if lacking:
+            raise InputError(f"--prior {self.config.prior} needs a 'proposal' array in every --features file, but "
+                             f"{len(lacking)} of {len(items)} lack it (e.g. {lacking[0]}); add it (README: Bring your "
+                             "own features) or use --prior levels")
 
     def embed_crops(self, crops: list[np.ndarray]) -> np.ndarray:
         with self.timings("crop forward"):

@@ -99,22 +99,53 @@ def image_level_mask(feats: np.ndarray, attn: np.ndarray, k: int, seed: int) -> 
     return fg[labels].reshape(h, w)
 
 
-FUSION_THRESHOLDS = {"any": 1, "majority": 2, "all": 3}
-# Steepness of the vote-to-probability map: one vote away from the threshold gives p = 0.25 / 0.75 ... at
-# +-1/6 of a vote fraction, so the CRF sees confident but not certain unaries it can still correct.
-_SOFT_SLOPE = float(np.log(3.0) / (1.0 / 6.0))
+# Steepness of the vote-to-probability map: half a (unit) vote from the threshold gives p = 0.25 / 0.75, so
+# the CRF sees confident but not certain unaries it can still correct.
+_SOFT_SLOPE_VOTES = float(np.log(3.0) / 0.5)
+# --prior vote: weight of MaskDistill's proposal among the three unit-weight level votes. Any weight strictly
+# between 1 and 2 gives the same decisions: with --fusion majority a 2-2 tie goes the proposal's way (3 of 4
+# otherwise); any/all are unchanged (one vote / all four).
+PROPOSAL_VOTE_WEIGHT = 1.5
 
 
-def fuse(masks: list[np.ndarray], rule: str = "majority") -> tuple[np.ndarray, np.ndarray]:
-    """Consistency fusion of the level masks.
+def vote_threshold(weights: np.ndarray, rule: str) -> tuple[float, float]:
+    """(largest losing, smallest winning) weighted vote total of a fusion rule over voters with ``weights``.
 
-    Returns (hard, soft): hard is foreground where at least the rule's number of levels agree; soft is a
-    probability from the vote fraction, a logistic centred on the rule's threshold, so that "soft > 0.5"
-    equals "hard" and bilinear upsampling of soft gives smooth boundaries for the CRF.
+    ``any``: at least one voter; ``all``: every voter; ``majority``: more than half the total weight.
+    With three unit weights this is the classic 1 / 3 / 2-of-3.
     """
-    votes = np.sum([np.asarray(m, dtype=np.float32) for m in masks], axis=0)
-    need = FUSION_THRESHOLDS[rule] * len(masks) / 3.0
-    hard = votes >= need - 1e-6
-    centre = (need - 0.5) / len(masks)
-    soft = 1.0 / (1.0 + np.exp(-_SOFT_SLOPE * (votes / len(masks) - centre)))
+    w = np.asarray(weights, dtype=np.float64)
+    n = len(w)
+    total = float(w.sum())
+    lose, win = -np.inf, np.inf
+    for subset in range(1 << n):
+        chosen = [(subset >> i) & 1 for i in range(n)]
+        s = float(np.dot(chosen, w))
+        if rule == "any":
+            wins = subset != 0
+        elif rule == "all":
+            wins = subset == (1 << n) - 1
+        else:
+            wins = s > total / 2.0 + 1e-9
+        if wins:
+            win = min(win, s)
+        else:
+            lose = max(lose, s)
+    return lose, win
+
+
+def fuse(masks: list[np.ndarray], rule: str = "majority", weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Consistency fusion of the level masks (and, with ``--prior vote``, the proposal).
+
+    Returns (hard, soft): hard is foreground where the (weighted) votes meet the rule (see
+    :func:`vote_threshold`); soft is a probability, a logistic of the vote total centred halfway between the
+    largest losing and the smallest winning total, so that "soft > 0.5" equals "hard" and bilinear
+    upsampling of soft gives smooth boundaries for the CRF.  One mask alone (``--prior maskdistill``)
+    gives soft 0.75 on it and 0.25 off it.
+    """
+    w = np.ones(len(masks)) if weights is None else np.asarray(weights, dtype=np.float64)
+    votes = np.sum([wi * np.asarray(m, dtype=np.float32) for wi, m in zip(w, masks)], axis=0)
+    lose, win = vote_threshold(w, rule)
+    hard = votes >= win - 1e-6
+    soft = 1.0 / (1.0 + np.exp(-_SOFT_SLOPE_VOTES * (votes - (lose + win) / 2.0)))
     return hard, soft.astype(np.float32)

@@ -20,7 +20,10 @@ from segcli.foreground import LevelModel
 from segcli.outputs import atomic_write
 
 FORMAT = "segcli-model"
-FORMAT_VERSION = 1
+# The newest format this segcli reads. A file records the oldest reader that can use it: 1 for
+# --prior levels (readable by every segcli), 2 for --prior maskdistill/vote (older readers would ignore the
+# prior and silently fall back to the three levels, so they must refuse the file instead).
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -37,12 +40,15 @@ class SegModel:
     version: str = __version__
 
     def tensors(self) -> dict[str, np.ndarray]:
+        k, d = self.config.category_k, self.feature_dim  # shapes of an empty category list (--prior maskdistill)
         return {
             "dataset_centroids": self.dataset.centroids.astype(np.float32),
             "dataset_foreground": self.dataset.foreground.astype(np.uint8),
             "category_centroids": self.category_centroids.astype(np.float32),
-            "category_level_centroids": np.stack([c.centroids for c in self.categories]).astype(np.float32),
-            "category_level_foreground": np.stack([c.foreground for c in self.categories]).astype(np.uint8),
+            "category_level_centroids": np.stack([c.centroids for c in self.categories]).astype(np.float32)
+            if self.categories else np.zeros((0, k, d), np.float32),
+            "category_level_foreground": np.stack([c.foreground for c in self.categories]).astype(np.uint8)
+            if self.categories else np.zeros((0, k), np.uint8),
             "class_centroids": self.class_centroids.astype(np.float32),
             "part_centroids": self.part_centroids.astype(np.float32),
             "part_classes": self.part_classes.astype(np.int64),
@@ -51,7 +57,7 @@ class SegModel:
     def metadata(self) -> dict[str, str]:
         return {
             "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": "1" if self.config.prior == "levels" else "2",
             "segcli_version": self.version,
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "weights_id": self.weights_id,

@@ -20,7 +20,9 @@ from segcli.cache import ImageFeatures, load_array_bundle, save_array_bundle
 from segcli.config import REGION_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, UsageError
 from segcli.features_source import FeatureSource
-from segcli.foreground import LevelModel, border_grid, fit_level, fuse, image_level_mask, normalised_attention
+from segcli.foreground import (
+    PROPOSAL_VOTE_WEIGHT, LevelModel, border_grid, fit_level, fuse, image_level_mask, normalised_attention,
+)
 from segcli.images import ImageItem, load_image
 from segcli.kmeans import KMeans, assign_nearest, cluster_embeddings
 from segcli.model_file import SegModel
@@ -119,8 +121,14 @@ class Segmenter:
         return RunSummary(written=n, skipped=dict(self.skipped), seconds=time.perf_counter() - t0, timings=self.timings.as_dict())
 
     # ------------------------------------------------------------------ fit
+    def _check_prior(self, items: list[ImageItem]) -> None:
+        """--prior maskdistill/vote: make sure every image can have a proposal before any work is done."""
+        if self.config.prior != "levels":
+            self.source.check_proposals(items)
+
     def fit(self, items: list[ImageItem]) -> "Segmenter":
         cfg = self.config
+        self._check_prior(items)
         quota = max(1, cfg.max_samples // max(1, len(items)))
         s_feats, s_attn, s_border, s_img, cls_tokens, used = [], [], [], [], [], []
         for item, f in self._features(items, "features"):
@@ -137,24 +145,16 @@ class Segmenter:
             raise InputError(f"no usable images: all {len(items)} inputs were skipped")
         with self.timings("clustering"):
             feats = np.concatenate(s_feats).astype(np.float32)
-            attn, border, img = np.concatenate(s_attn), np.concatenate(s_border), np.concatenate(s_img)
-            dataset = fit_level(feats, attn, border, cfg.dataset_k, cfg.seed, cfg.max_samples)
             cls = np.stack(cls_tokens).astype(np.float32)
-            cls /= np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
-            n_cat = min(cfg.n_categories, len(used))
-            cat_km = KMeans(n_cat, seed=cfg.seed, max_samples=cfg.max_samples).fit(cls)
-            cat_of_image = cat_km.predict(cls)
-            levels = []
-            for c in range(n_cat):
-                sel = np.isin(img, np.flatnonzero(cat_of_image == c))
-                if sel.sum() >= max(MIN_CATEGORY_SAMPLES, 10 * cfg.category_k):
-                    levels.append(fit_level(feats[sel], attn[sel], border[sel], cfg.category_k, cfg.seed + 1 + c, cfg.max_samples))
-                else:
-                    levels.append(_pad_level(dataset, cfg.category_k))
-        del feats, attn, border, img, s_feats
+            if cfg.prior == "maskdistill":
+                # The proposal alone is the foreground: the three levels are not fitted (stored empty).
+                dataset, cat_centroids, levels = _no_levels(feats.shape[1], cls.shape[1])
+            else:
+                dataset, cat_centroids, levels = self._fit_levels(feats, s_attn, s_border, s_img, cls, len(used))
+        del feats, s_feats
         model = SegModel(
             config=cfg, weights_id=self.source.identity, feature_dim=int(dataset.centroids.shape[1]),
-            dataset=dataset, category_centroids=cat_km.cluster_centers_.astype(np.float32), categories=levels,
+            dataset=dataset, category_centroids=cat_centroids, categories=levels,
             class_centroids=np.zeros((0, 0), np.float32),
         )
         self.model_ = model
@@ -163,6 +163,25 @@ class Segmenter:
         else:
             self._fit_classes(used)
         return self
+
+    def _fit_levels(self, feats: np.ndarray, s_attn: list, s_border: list, s_img: list, cls: np.ndarray,
+                    n_images: int) -> tuple[LevelModel, np.ndarray, list[LevelModel]]:
+        """The dataset level, the CLS-token categories and one level per category, from sampled patches."""
+        cfg = self.config
+        attn, border, img = np.concatenate(s_attn), np.concatenate(s_border), np.concatenate(s_img)
+        dataset = fit_level(feats, attn, border, cfg.dataset_k, cfg.seed, cfg.max_samples)
+        cls /= np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
+        n_cat = min(cfg.n_categories, n_images)
+        cat_km = KMeans(n_cat, seed=cfg.seed, max_samples=cfg.max_samples).fit(cls)
+        cat_of_image = cat_km.predict(cls)
+        levels = []
+        for c in range(n_cat):
+            sel = np.isin(img, np.flatnonzero(cat_of_image == c))
+            if sel.sum() >= max(MIN_CATEGORY_SAMPLES, 10 * cfg.category_k):
+                levels.append(fit_level(feats[sel], attn[sel], border[sel], cfg.category_k, cfg.seed + 1 + c, cfg.max_samples))
+            else:
+                levels.append(_pad_level(dataset, cfg.category_k))
+        return dataset, cat_km.cluster_centers_.astype(np.float32), levels
 
     def _fit_classes(self, items: list[ImageItem]) -> None:
         """Cluster the embeddings of every region of the dataset into k - 1 classes."""
@@ -282,19 +301,25 @@ class Segmenter:
             yield item, f, bundle
 
     def _fg_masks(self, f: ImageFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """Fused (hard, soft) patch-level foreground of one image from the three levels."""
+        """Fused (hard, soft) patch-level foreground of one image from the three levels and/or the proposal."""
         cfg, m = self.config, self.model_
         h, w = f.grid
         flat = f.feats.reshape(h * w, -1).astype(np.float32)
         if flat.shape[1] != m.feature_dim:
             raise ModelError(f"features have dimension {flat.shape[1]} but the model was fitted on {m.feature_dim}; "
                              "use the backbone/features the model was fitted with")
+        if cfg.prior != "levels" and f.proposal is None:  # a --features file that vanished or changed since the check
+            raise BadImageError(f"--prior {cfg.prior}: its features have no 'proposal' array")
+        if cfg.prior == "maskdistill":
+            return fuse([f.proposal], cfg.fusion)
         m_d = m.dataset.mask(flat).reshape(h, w)
         cls = f.cls.astype(np.float32)[None]
         cls /= max(float(np.linalg.norm(cls)), 1e-12)
         cat = int(assign_nearest(cls, m.category_centroids)[0])
         m_c = m.categories[cat].mask(flat).reshape(h, w)
         m_i = image_level_mask(f.feats, f.attn, cfg.image_k, cfg.seed)
+        if cfg.prior == "vote":
+            return fuse([m_d, m_c, m_i, f.proposal], cfg.fusion, weights=[1.0, 1.0, 1.0, PROPOSAL_VOTE_WEIGHT])
         return fuse([m_d, m_c, m_i], cfg.fusion)
 
     def _compute_regions(self, item: ImageItem, f: ImageFeatures) -> dict[str, np.ndarray]:
@@ -366,6 +391,7 @@ class Segmenter:
 
         if self.model_ is None:
             raise UsageError("predict() needs a fitted model: call fit() first or pass model=")
+        self._check_prior(items)
         t0 = time.perf_counter()
         out = prepare_output_dir(out_dir)
         ov = prepare_output_dir(overlay_dir) if overlay_dir else None
@@ -413,6 +439,11 @@ class Segmenter:
             data = json.dumps(stamp).encode()
             atomic_write(path, lambda fh: fh.write(data))
         return same
+
+
+def _no_levels(feature_dim: int, cls_dim: int) -> tuple[LevelModel, np.ndarray, list[LevelModel]]:
+    """Empty level models for --prior maskdistill, where the proposal alone is the foreground."""
+    return LevelModel(np.zeros((0, feature_dim), np.float32), np.zeros(0, bool)), np.zeros((0, cls_dim), np.float32), []
 
 
 def _pad_level(level: LevelModel, k: int) -> LevelModel:

@@ -18,8 +18,13 @@ COLOURS = {0: (70, 90, 60), 1: (220, 40, 40), 2: (40, 60, 220), 3: (240, 220, 40
 
 
 def make_dataset(root: Path, n_images: int = 12, n_classes: int = 3, dim: int = 32, grid: tuple[int, int] = (8, 10),
-                 noise: float = 0.25, parts: bool = False, seed: int = 0, nested: bool = True) -> dict[str, np.ndarray]:
-    """Write root/images/<key>.png and root/features/<key>.npz; return {key: ground-truth mask}."""
+                 noise: float = 0.25, parts: bool = False, seed: int = 0, nested: bool = True,
+                 proposal: bool = False) -> dict[str, np.ndarray]:
+    """Write root/images/<key>.png and root/features/<key>.npz; return {key: ground-truth mask}.
+
+    proposal: also store a ``proposal`` array, the patch mask of the image's first object only (like
+    MaskDistill's one-object proposal on an image with two objects).
+    """
     rng = np.random.default_rng(seed)
     h, w = grid
     # Like DINO keys, the foreground/background contrast is the dominant direction of the features, and
@@ -55,7 +60,8 @@ def make_dataset(root: Path, n_images: int = 12, n_classes: int = 3, dim: int = 
         Image.fromarray(rgb).save(img_path)
         feat_path = root / "features" / f"{key}.npz"
         feat_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(feat_path, feats=feats.astype(np.float16), cls=cls.astype(np.float32), attn=attn.astype(np.float16))
+        extra = {"proposal": cls_grid == classes[0]} if proposal else {}
+        np.savez(feat_path, feats=feats.astype(np.float16), cls=cls.astype(np.float32), attn=attn.astype(np.float16), **extra)
         gts[key] = mask
     return gts
 
