@@ -335,3 +335,17 @@ def test_proposal_vote_breaks_majority_ties():
     hard, soft = fuse([np.array([[True, False]])], "majority")
     np.testing.assert_array_equal(hard, [[True, False]])
     np.testing.assert_allclose(soft, [[0.75, 0.25]], atol=1e-6)
+
+
+def test_backbone_without_cls_token_is_refused_for_the_proposal_priors(tmp_path):
+    from types import SimpleNamespace
+
+    from segcli.config import SegmentConfig
+    from segcli.errors import UsageError
+    from segcli.features_source import FeatureSource
+
+    stub = SimpleNamespace(model=SimpleNamespace(cls_token=None), name="vit_small_patch16_reg4_gap_256",
+                           precision="fp32", fingerprint=lambda: "stub")
+    src = FeatureSource(SegmentConfig(prior="vote"), backbone=stub, cache_dir=tmp_path)
+    with pytest.raises(UsageError, match="needs a CLS token"):
+        src.check_proposals([])
