@@ -76,11 +76,12 @@ class ImageFeatures:
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "ImageFeatures":
-        return cls(
-            np.asarray(arrays["feats"]).astype(np.float16, copy=False),
-            np.asarray(arrays["cls"]).astype(np.float32, copy=False),
-            np.asarray(arrays["attn"]).astype(np.float16, copy=False),
-        )
+        with np.errstate(over="ignore"):  # an overflow to inf is caught by the caller's finiteness check
+            return cls(
+                np.asarray(arrays["feats"]).astype(np.float16, copy=False),
+                np.asarray(arrays["cls"]).astype(np.float32, copy=False),
+                np.asarray(arrays["attn"]).astype(np.float16, copy=False),
+            )
 
 
 def save_features(path: Path, f: ImageFeatures) -> None:
@@ -110,7 +111,7 @@ def _check_features(arrays: Mapping[str, np.ndarray], dims: Mapping[str, int] | 
     fixed = {k: v for k, v in (dims or {}).items() if k in ("D", "C")}
     check_arrays(arrays, FEATURE_SPECS, fixed, nonempty=FEATURE_SIZES)
     f = ImageFeatures.from_arrays(arrays)
-    if not (np.isfinite(f.feats).all() and np.isfinite(f.attn).all()):
+    if not (np.isfinite(f.feats).all() and np.isfinite(f.attn).all() and np.isfinite(f.cls).all()):
         raise ArrayCheckError("values overflow float16 (features must be L2-normalised)")
     return f
 

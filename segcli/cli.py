@@ -216,7 +216,7 @@ def _finish(command: str, summary, out: Path | None, started: float) -> None:
     where = f" to {out}" if out is not None else ""
     Console(stderr=True, highlight=False).print(
         f"{command}: wrote {summary.written} masks{where} ({summary.reused} kept from an earlier run, "
-        f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s"
+        f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s", soft_wrap=True
     )
     if summary.skipped:
         raise typer.Exit(EXIT_SKIPPED)

@@ -272,7 +272,7 @@ class Segmenter:
             with self.timings("region io"):
                 return store.load(self.source.item_id(item), REGION_SPECS, dims, check=_check_region_bundle)
 
-        pending = []
+        pending, absent = [], set()
         for item in items:
             if item.key in self.skipped:
                 continue
@@ -286,10 +286,11 @@ class Segmenter:
                 continue
             if bundle is None:
                 pending.append(item)
+                absent.add(item.key)  # read once: a damaged entry is reported once, then recomputed
             else:
                 yield item, None, bundle
         for item, f in self._features(pending, description):
-            bundle = load_bundle(item, f)
+            bundle = None if item.key in absent else load_bundle(item, f)
             if bundle is None:
                 try:
                     bundle = self._compute_regions(item, f)
