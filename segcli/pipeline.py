@@ -188,7 +188,10 @@ class Segmenter:
         """Cluster the embeddings of every region of the dataset into k - 1 classes."""
         cfg = self.config
         # Images without regions contribute nothing (their (0, 0) arrays cannot be stacked with the others).
-        embs = [r["emb"] for _, _, r in self._results(items, "regions", need_features=False) if len(r["emb"])]
+        # In the items' order, whichever bundles came from the cache: the clustering must not depend on which
+        # entries had to be recomputed (a damaged cache entry must give the masks of a clean run).
+        found = {item.key: r["emb"] for item, _, r in self._results(items, "regions", need_features=False) if len(r["emb"])}
+        embs = [found[item.key] for item in items if item.key in found]
         with self.timings("clustering"):
             X = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
             n = min(cfg.k - 1, X.shape[0])
