@@ -179,6 +179,7 @@ def _weights(data: bytes | None = None, nan: bool = False):
             from tests.checkpoints import SMALL, random_state_dict
 
             sd = random_state_dict(SMALL, 0)
+            sd["pos_embed"] = sd["pos_embed"].clone()  # the helper's tensors are shared
             sd["pos_embed"][0, 0, 0] = float("nan")
             torch.save(sd, w)
         else:

@@ -273,6 +273,7 @@ def test_non_finite_weights_are_exit_5(scenes, tmp_path, value):
     from tests.checkpoints import SMALL, random_state_dict
 
     sd = random_state_dict(SMALL, 0)
+    sd["blocks.3.attn.qkv.weight"] = sd["blocks.3.attn.qkv.weight"].clone()  # the helper's tensors are shared
     sd["blocks.3.attn.qkv.weight"][0, 0] = value
     torch.save(sd, tmp_path / "w.pth")
     r = cli("segment", scenes / "images", "--weights", tmp_path / "w.pth", *BACKBONE_FAST, "--cache", tmp_path / "c",
