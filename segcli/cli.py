@@ -326,4 +326,22 @@ app.command("evaluate")(handle_errors(evaluate_command))
 
 
 def main() -> None:
-    app()
+    """The ``segcli`` entry point: click's own usage errors (a value that is not a number, an unknown option, a
+    missing argument) become one ``segcli: error:`` line with exit 2, like every other error."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="segcli", standalone_mode=False)
+    except Exception as exc:  # noqa: BLE001 - typer ships its own copy of click: match its errors by shape
+        kind = type(exc).__name__
+        if kind == "NoArgsIsHelpError":  # a bare `segcli`: the help was shown, exit as click does
+            sys.exit(getattr(exc, "exit_code", 2))
+        if kind == "Abort":
+            _err("aborted")
+            sys.exit(EXIT_INTERRUPTED)
+        if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None and kind != "ClickException" else ""
+        _err(" ".join(exc.format_message().split()) + where)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -43,6 +43,7 @@ class Case:
     clean: str | None = None  # which clean run the masks must equal: "fit" (segment) or "model" (segment --model)
     changed: list[str] = field(default_factory=list)  # keys whose masks are not compared (the bad ones)
     lines: int = 1  # message lines expected on stderr (the last one holds the fragment)
+    process: bool = False  # run `python -m segcli` (click's own parse errors are turned into one line there)
 
 
 @dataclass
@@ -80,6 +81,22 @@ def masks(folder: Path) -> dict[str, bytes]:
 
 def run_cli(*args):
     return runner.invoke(app, [str(a) for a in args])
+
+
+@dataclass
+class ProcessResult:
+    exit_code: int
+    stderr: str
+    output: str
+
+
+def run_process(*args) -> ProcessResult:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "segcli", *[str(a) for a in args]], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+    return ProcessResult(p.returncode, p.stderr, p.stdout + p.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +380,11 @@ CASES: dict[str, Callable[[Env], Case]] = {
     "--categories 0": _option("--categories", "0"),
     "--max-samples 10": _option("--max-samples", "10"),
     "--precision fp8": _option("--precision", "fp8"),
+    "--seed abc (not a number)": lambda env: Case(env.features("--seed", "abc"), 2, "--seed", out=env.tmp / "o", process=True),
+    "unknown option": lambda env: Case(env.features("--colour", "red"), 2, "--colour", out=env.tmp / "o", process=True),
+    "missing --out": lambda env: Case(env.features(), 2, "--out", process=True),
+    "evaluate: unknown preset": lambda env: (lambda c: (setattr(c, "process", True), c)[1])(
+        _evaluate(lambda env: ["--preset", "ade20k"], 2, "ade20k")(env)),
     # ---- evaluate (round 1)
     "evaluate: prediction without ground truth": _evaluate(_drop_gt, 3, "no ground truth"),
     "evaluate: ground-truth value out of range": _evaluate(_bad_gt_value, 3, "7"),
@@ -403,7 +425,7 @@ def test_bad_input(base, tmp_path, name):
     before = digest_tree(env.data)
     source_before = digest_tree(source) if source.is_dir() and not source.is_relative_to(env.data) else None
 
-    r = run_cli(*argv)
+    r = run_process(*argv) if case.process else run_cli(*argv)
 
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     messages = [ln for ln in lines if not ln.startswith(("segment: wrote", "cluster-dataset: "))]
