@@ -177,6 +177,10 @@ def _check_run_options(opts: dict) -> SegmentConfig:
         raise UsageError(f"--threads must be between 1 and 4096, got {opts['threads']}")
     if opts["batch_size"] < 1:
         raise UsageError(f"--batch-size must be at least 1, got {opts['batch_size']}")
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(opts["device"]).strip().lower()):
+        raise UsageError(f"unknown --device {opts['device']!r}; use auto, cpu, cuda, cuda:N or mps")
     if str(opts["precision"]).strip().lower() not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"unknown --precision {opts['precision']!r}; use fp32, bf16 or fp16")
     return _config(opts)

@@ -332,7 +332,7 @@ BAD_OPTIONS = [
     ["--k", "257"], ["--min-region-px", "-1"], ["--short-side", "4"], ["--short-side", "512", "--max-side", "256"],
     ["--work-max-side", "8"], ["--crf-max-side", "5"], ["--min-region", "1.5"], ["--min-region", "-0.1"],
     ["--parts", "1"], ["--categories", "0"], ["--max-samples", "10"], ["--precision", "fp8"], ["--fusion", "most"],
-    ["--assign", "nearest"], ["--regions", "boxes"], ["--class-method", "dbscan"], ["--feature", "logits"],
+    ["--device", "gpu"], ["--assign", "nearest"], ["--regions", "boxes"], ["--class-method", "dbscan"], ["--feature", "logits"],
 ]
 
 
