@@ -474,6 +474,14 @@ def _check_structure(model: torch.nn.Module, name: str) -> None:
         raise ModelError(f"backbone {name} has no fused qkv attention in its last block: use a DINO / DINOv2 ViT such as {DEFAULT_BACKBONE}")
 
 
+def _check_finite(state_dict: dict[str, torch.Tensor], label: str) -> None:
+    """Refuse weights holding NaN or infinite values: they would give NaN features and fail much later, deep
+    inside clustering, instead of here with the tensor's name."""
+    for key, t in state_dict.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"{label} holds NaN or infinite values (first in {key}); the checkpoint is damaged")
+
+
 def load_backbone(
     name: str = DEFAULT_BACKBONE,
     weights: str | Path | None = None,
@@ -496,6 +504,7 @@ def load_backbone(
         weights_id = None  # hashed below, only once the file is known to fit
     sd = _fit_state_dict(raw, model, timm_name, label)
     del raw
+    _check_finite(sd, label)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as err:  # pragma: no cover - _fit_state_dict already checked keys and shapes

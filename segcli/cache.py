@@ -11,32 +11,49 @@ array      shape           dtype      meaning
 ``proposal`` (h, w)        bool       MaskDistill's object proposal (:mod:`segcli.proposal`); optional
 =========  ==============  =========  ==========================================================
 
-``proposal`` is always written by the backbone cache (for a model with a CLS token); in a bring-your-own
-folder it may be absent, and is then only an error for ``--prior maskdistill`` or ``vote``.  Its values
-must be booleans or the numbers 0 and 1.
-
 The backbone cache lives under ``<cache>/features/<namespace>/<sha[:2]>/<sha>.npz`` where ``sha`` is the
-SHA-256 of the image file and ``namespace`` hashes backbone, weights, input settings and :data:`CACHE_FORMAT`: a second run
-on the same images never runs the backbone again, a renamed or copied image is still found, and entries of
-an older format (e.g. without ``proposal``) are recomputed under a new namespace rather than misread.
+SHA-256 of the image file and ``namespace`` hashes backbone, weights and input settings: a second run on
+the same images never runs the backbone again, and a renamed or copied image is still found.
 A bring-your-own folder (``--features DIR``) holds ``DIR/<key>.npz``, where ``key`` is the image's path
 relative to the input folder without its extension (``sub/img.jpg`` -> ``DIR/sub/img.npz``).
+
+Cache entries (features and per-image region bundles) are never trusted: each stores, next to its arrays, a
+SHA-256 over every array (name, dtype, shape, bytes) and the entry's own key (namespace and image digest),
+and is checked against it and against the shapes the run expects when read (:class:`EntryStore`). A damaged,
+truncated or swapped entry is reported, recomputed and replaced; it is never used and never stops a run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 
+from segcli.arrays import ArrayCheckError, ArraySpec, check_arrays
 from segcli.errors import BadImageError
 from segcli.outputs import atomic_write
 
+# Bumped when the layout of cache entries changes: entries of another layout are simply not found.
+CACHE_LAYOUT = "v2"
 # Version of what a backbone cache entry holds; part of the cache namespace. 2: + ``proposal``.
 CACHE_FORMAT = 2
+# The array that holds an entry's digest (never a user array name: npz names are free, this one is reserved).
+DIGEST_ARRAY = "__digest__"
+
+# The arrays of a feature file and the sizes they share (h, w: patch grid; D: feature dim; C: CLS dim).
+FEATURE_SPECS: dict[str, ArraySpec] = {
+    "feats": ArraySpec(("h", "w", "D")),
+    "cls": ArraySpec(("C",)),
+    "attn": ArraySpec(("h", "w")),
+    # Booleans, or the numbers 0 and 1 (checked by _proposal_mask); optional in a bring-your-own folder.
+    "proposal": ArraySpec(("h", "w"), ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32",
+                                       "float64"), optional=True),
+}
+FEATURE_SIZES = ("h", "w", "D", "C")
 
 
 @dataclass
@@ -50,48 +67,37 @@ class ImageFeatures:
     def grid(self) -> tuple[int, int]:
         return int(self.feats.shape[0]), int(self.feats.shape[1])
 
+    @property
+    def dims(self) -> dict[str, int]:
+        """The named sizes of :data:`FEATURE_SPECS` (what the next file of the same run must match)."""
+        h, w = self.grid
+        return {"h": h, "w": w, "D": int(self.feats.shape[2]), "C": int(self.cls.shape[0])}
 
-def save_features(path: Path, f: ImageFeatures) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "feats": np.ascontiguousarray(f.feats, dtype=np.float16),
-        "cls": np.ascontiguousarray(f.cls, dtype=np.float32),
-        "attn": np.ascontiguousarray(f.attn, dtype=np.float16),
-    }
-    if f.proposal is not None:
-        arrays["proposal"] = np.ascontiguousarray(f.proposal, dtype=bool)
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays as stored on disk (format above)."""
+        return {
+            "feats": np.ascontiguousarray(self.feats, dtype=np.float16),
+            "cls": np.ascontiguousarray(self.cls, dtype=np.float32),
+            "attn": np.ascontiguousarray(self.attn, dtype=np.float16),
+        } | ({} if self.proposal is None else {"proposal": np.ascontiguousarray(self.proposal, dtype=bool)})
 
-
-def load_features(path: Path) -> ImageFeatures:
-    """Read and validate one feature file; a malformed one raises BadImageError naming it."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            feats, cls, attn = z["feats"], z["cls"], z["attn"]
-            proposal = z["proposal"] if "proposal" in z.files else None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadImageError(f"{path}: unreadable feature file ({exc})") from None
-    if feats.ndim != 3 or attn.shape != feats.shape[:2] or cls.ndim != 1:
-        raise BadImageError(
-            f"{path}: feature arrays have wrong shapes (feats {feats.shape}, attn {attn.shape}, cls {cls.shape}); "
-            "expected feats (h, w, D), attn (h, w), cls (C,)"
-        )
-    if not (np.isfinite(feats).all() and np.isfinite(attn).all() and np.isfinite(cls).all()):
-        raise BadImageError(f"{path}: feature file holds NaN or infinite values")
-    if proposal is not None:
-        proposal = _proposal_mask(path, proposal, feats.shape[:2])
-    return ImageFeatures(feats.astype(np.float16, copy=False), cls.astype(np.float32, copy=False),
-                         attn.astype(np.float16, copy=False), proposal)
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "ImageFeatures":
+        with np.errstate(over="ignore"):  # an overflow to inf is caught by the caller's finiteness check
+            return cls(
+                np.asarray(arrays["feats"]).astype(np.float16, copy=False),
+                np.asarray(arrays["cls"]).astype(np.float32, copy=False),
+                np.asarray(arrays["attn"]).astype(np.float16, copy=False),
+                _proposal_mask(arrays["proposal"]) if "proposal" in arrays else None,
+            )
 
 
-def _proposal_mask(path: Path, proposal: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """A file's ``proposal`` array as an (h, w) bool mask; anything but 0/1 values on the grid is an error."""
-    if proposal.shape != tuple(grid):
-        raise BadImageError(f"{path}: proposal has shape {proposal.shape}, expected the patch grid {tuple(grid)}")
+def _proposal_mask(proposal: np.ndarray) -> np.ndarray:
+    """A ``proposal`` array as a bool mask; values other than 0/1 raise :class:`ArrayCheckError`."""
     if proposal.dtype == bool:
         return proposal
-    if proposal.dtype.kind not in "iuf" or not np.isin(proposal, (0, 1)).all():
-        raise BadImageError(f"{path}: proposal must hold booleans or the numbers 0 and 1")
+    if not np.isin(proposal, (0, 1)).all():
+        raise ArrayCheckError("array 'proposal' must hold booleans or the numbers 0 and 1")
     return proposal.astype(bool)
 
 
@@ -100,31 +106,150 @@ def has_proposal(path: Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
             return "proposal" in z.files
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
         return False
+
+
+def save_features(path: Path, f: ImageFeatures) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = f.arrays()
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, fully decoded; ``ValueError`` naming the problem if it cannot be read.
+
+    Any failure counts (truncated zip, garbled compressed stream, pickled objects, bad headers): these files
+    come from disk and may hold anything.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not an .npz archive")
+            return {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001 - whatever numpy/zipfile/zlib raise on a damaged file
+        raise ValueError(f"{type(exc).__name__}: {exc}".strip().rstrip(":")) from None
+
+
+def _check_features(arrays: Mapping[str, np.ndarray], dims: Mapping[str, int] | None) -> ImageFeatures:
+    """Check a feature file's arrays (shapes, numeric types, non-empty grid, finite values), run-level sizes
+    (``D`` and ``C``) against ``dims``; the values are checked again after conversion to the stored dtypes."""
+    fixed = {k: v for k, v in (dims or {}).items() if k in ("D", "C")}
+    check_arrays(arrays, FEATURE_SPECS, fixed, nonempty=FEATURE_SIZES)
+    f = ImageFeatures.from_arrays(arrays)
+    if not (np.isfinite(f.feats).all() and np.isfinite(f.attn).all() and np.isfinite(f.cls).all()):
+        raise ArrayCheckError("values overflow float16 (features must be L2-normalised)")
+    return f
+
+
+def load_features(path: Path, dims: Mapping[str, int] | None = None) -> ImageFeatures:
+    """Read and validate one bring-your-own feature file; a malformed one raises BadImageError naming it.
+
+    ``dims``: the feature and CLS dimensions (``D``, ``C``) the run already uses (fixed by its first file).
+    """
+    try:
+        arrays = read_npz(path)
+    except ValueError as exc:
+        raise BadImageError(f"{path}: unreadable feature file ({exc})") from None
+    try:
+        return _check_features(arrays, dims)
+    except ArrayCheckError as exc:
+        if "D=" in str(exc) or "C=" in str(exc):
+            msg = (f"{path}: feature file does not match the others ({exc}); "
+                   "expected feats (h, w, D), attn (h, w), cls (C,)")
+        else:
+            msg = f"{path}: bad feature file ({exc}); expected feats (h, w, D), attn (h, w), cls (C,), numbers"
+        raise BadImageError(msg) from None
+
+
+def entry_digest(key: str, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """SHA-256 over ``key`` and every array (name, dtype, shape, bytes) as a (32,) uint8 array.
+
+    Binding the key in makes another entry's intact file (another image, another namespace) fail the check.
+    """
+    h = hashlib.sha256(b"segcli-cache-entry\0" + key.encode() + b"\0")
+    for name in sorted(arrays):
+        if name == DIGEST_ARRAY:
+            continue
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8).copy()
+
+
+class EntryStore:
+    """Verified per-image cache entries under ``<cache root>/<name>/<digest[:2]>/<digest>.npz``.
+
+    Every entry carries :func:`entry_digest` of its arrays and key; :meth:`load` returns the arrays only
+    when the digest matches and the arrays fit ``specs`` (and the sizes the caller expects), else reports
+    the entry through ``warn`` and returns None, so that the caller recomputes and :meth:`save` replaces it.
+    """
+
+    def __init__(self, cache_root: Path, name: str, *, compressed: bool = False,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.name = name
+        self.root = Path(cache_root) / name
+        self.compressed = compressed
+        self.warn = warn or (lambda message: None)
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / f"{digest}.npz"
+
+    def key(self, digest: str) -> str:
+        return f"{self.name}/{digest}"
+
+    def save(self, digest: str, arrays: Mapping[str, np.ndarray]) -> None:
+        path = self.path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored = {k: np.asarray(v) for k, v in arrays.items()}
+        stored[DIGEST_ARRAY] = entry_digest(self.key(digest), stored)
+        buf = io.BytesIO()
+        (np.savez_compressed if self.compressed else np.savez)(buf, **stored)
+        atomic_write(path, lambda fh: fh.write(buf.getvalue()))
+
+    def load(self, digest: str, specs: Mapping[str, ArraySpec], dims: Mapping[str, int] | None = None,
+             check: Callable[[dict[str, np.ndarray]], None] | None = None) -> dict[str, np.ndarray] | None:
+        """The entry's arrays, or None when absent or damaged (reported). ``check`` may add content checks
+        (raising ``ValueError``)."""
+        path = self.path(digest)
+        if not path.is_file():
+            return None
+        try:
+            arrays = read_npz(path)
+            stored = arrays.pop(DIGEST_ARRAY, None)
+            if stored is None:
+                raise ValueError("no digest")
+            if not np.array_equal(stored, entry_digest(self.key(digest), arrays)):
+                raise ValueError("digest mismatch: damaged, or another entry's file")
+            check_arrays(arrays, specs, dims)
+            if check is not None:
+                check(arrays)
+        except ValueError as exc:
+            self.warn(f"damaged cache entry {path} ({exc}): recomputing it")
+            return None
+        return arrays
 
 
 class FeatureCache:
     """Content-addressed store of backbone features for one namespace (backbone + settings)."""
 
-    def __init__(self, root: Path, namespace: str) -> None:
-        self.root = Path(root) / "features" / namespace
+    def __init__(self, root: Path, namespace: str, warn: Callable[[str], None] | None = None) -> None:
+        self.store = EntryStore(root, f"features/{CACHE_LAYOUT}-{namespace}", warn=warn)
+        self.root = self.store.root
 
     def path(self, digest: str) -> Path:
-        return self.root / digest[:2] / f"{digest}.npz"
+        return self.store.path(digest)
 
-    def load(self, digest: str) -> ImageFeatures | None:
-        """Cached features, or None when absent or damaged (a damaged entry is recomputed)."""
-        p = self.path(digest)
-        if not p.is_file():
-            return None
-        try:
-            return load_features(p)
-        except BadImageError:
-            return None
+    def load(self, digest: str, dims: Mapping[str, int] | None = None) -> ImageFeatures | None:
+        """Cached features, or None when absent or damaged (a damaged entry is reported and recomputed).
+
+        ``dims``: the sizes the run expects (``D``, ``C`` of the features it already has)."""
+        fixed = {k: v for k, v in (dims or {}).items() if k in ("D", "C")}
+        arrays = self.store.load(digest, FEATURE_SPECS, fixed, check=lambda a: _check_features(a, fixed))
+        return None if arrays is None else ImageFeatures.from_arrays(arrays)
 
     def save(self, digest: str, f: ImageFeatures) -> None:
-        save_features(self.path(digest), f)
+        self.store.save(digest, f.arrays())
 
 
 class FeatureFolder:
@@ -136,26 +261,8 @@ class FeatureFolder:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.npz"
 
-    def load(self, key: str, image: Path | None = None) -> ImageFeatures:
+    def load(self, key: str, image: Path | None = None, dims: Mapping[str, int] | None = None) -> ImageFeatures:
         p = self.path(key)
         if not p.is_file():
             raise BadImageError(f"{image or key}: no feature file {p}")
-        return load_features(p)
-
-
-def save_array_bundle(path: Path, **arrays: np.ndarray) -> None:
-    """Atomically store small per-image intermediate results (region maps, embeddings)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write(path, lambda fh: fh.write(buf.getvalue()))
-
-
-def load_array_bundle(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
-        return None
+        return load_features(p, dims)

@@ -170,6 +170,39 @@ def _config(options: dict) -> SegmentConfig:
     return SegmentConfig(**kw)
 
 
+def _check_run_options(opts: dict) -> SegmentConfig:
+    """Validate every option before any work (exit 2 with one line): the run-time ones here, the method ones
+    by building their SegmentConfig, which is returned."""
+    from segcli.errors import UsageError
+
+    if opts["threads"] is not None and not 1 <= opts["threads"] <= 4096:
+        raise UsageError(f"--threads must be between 1 and 4096, got {opts['threads']}")
+    if opts["batch_size"] < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {opts['batch_size']}")
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(opts["device"]).strip().lower()):
+        raise UsageError(f"unknown --device {opts['device']!r}; use auto, cpu, cuda, cuda:N or mps")
+    if str(opts["precision"]).strip().lower() not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"unknown --precision {opts['precision']!r}; use fp32, bf16 or fp16")
+    return _config(opts)
+
+
+def _protect_inputs(source: Path, items: list, opts: dict, folders: dict, model_in: Path | None = None,
+                    model_out: Path | None = None) -> None:
+    """Refuse outputs (and the cache) that are, contain or lie inside an input (see check_apart_from_inputs)."""
+    from segcli.features_source import default_cache_dir
+    from segcli.outputs import check_apart_from_inputs
+
+    dirs = [source] if source.is_dir() else []
+    files = [item.path for item in items] + ([source] if source.is_file() else [])
+    if opts["features"] is not None:
+        dirs.append(opts["features"])
+    files += [p for p in (opts["weights"], model_in) if p is not None]
+    folders = {**folders, "--overlay": opts["overlay"], "--cache": opts["cache"] or default_cache_dir()}
+    check_apart_from_inputs(folders, dirs, files, {"--out": model_out})
+
+
 def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
     """The pipeline for a command's parsed options (the run-time ones; the method ones are in config)."""
     from segcli.pipeline import Segmenter
@@ -189,7 +222,7 @@ def _finish(command: str, summary, out: Path | None, started: float) -> None:
     where = f" to {out}" if out is not None else ""
     Console(stderr=True, highlight=False).print(
         f"{command}: wrote {summary.written} masks{where} ({summary.reused} kept from an earlier run, "
-        f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s"
+        f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s", soft_wrap=True
     )
     if summary.skipped:
         raise typer.Exit(EXIT_SKIPPED)
@@ -212,7 +245,9 @@ def segment(
 
     started = time.perf_counter()
     reporter = RichReporter(opts["quiet"])
+    config = _check_run_options(opts)
     items = discover_images(images, opts["split"])
+    _protect_inputs(images, items, opts, {"--out": out}, model_in=model)
     prepare_output_dir(out)
     if model is not None:
         fitted = SegModel.load(model)
@@ -224,7 +259,7 @@ def segment(
                 raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {opts['backbone']}")
         seg = _segmenter(fitted.config, reporter, opts, model=fitted)
     else:
-        seg = _segmenter(_config(opts), reporter, opts).fit(items)
+        seg = _segmenter(config, reporter, opts).fit(items)
     summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"])
     _finish("segment", summary, out, started)
 
@@ -251,12 +286,14 @@ def cluster_dataset(
     part = _parse_shard(shard) if shard else None
     if part is None and out is None and masks is None:
         raise UsageError("give --out FILE for the model (and/or --masks DIR), or --shard I/N to only extract features")
+    config = _check_run_options(opts)
     items = discover_images(dataset, opts["split"])
+    _protect_inputs(dataset, items, opts, {"--masks": masks}, model_out=out)
     if masks is not None:
         from segcli.outputs import prepare_output_dir
 
         prepare_output_dir(masks)
-    seg = _segmenter(_config(opts), reporter, opts)
+    seg = _segmenter(config, reporter, opts)
     console = Console(stderr=True, highlight=False)
     if part is not None:
         i, n = part
@@ -295,4 +332,22 @@ app.command("evaluate")(handle_errors(evaluate_command))
 
 
 def main() -> None:
-    app()
+    """The ``segcli`` entry point: click's own usage errors (a value that is not a number, an unknown option, a
+    missing argument) become one ``segcli: error:`` line with exit 2, like every other error."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="segcli", standalone_mode=False)
+    except Exception as exc:  # noqa: BLE001 - typer ships its own copy of click: match its errors by shape
+        kind = type(exc).__name__
+        if kind == "NoArgsIsHelpError":  # a bare `segcli`: the help was shown, exit as click does
+            sys.exit(getattr(exc, "exit_code", 2))
+        if kind == "Abort":
+            _err("aborted")
+            sys.exit(EXIT_INTERRUPTED)
+        if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None and kind != "ClickException" else ""
+        _err(" ".join(exc.format_message().split()) + where)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

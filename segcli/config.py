@@ -22,6 +22,10 @@ CLASS_METHODS = ("kmeans", "spectral")
 REGION_MODES = ("components", "whole")
 # Foreground prior: the three clustering levels, MaskDistill's object proposal alone, or both (4 votes).
 PRIORS = ("levels", "maskdistill", "vote")
+# Label PNGs are 8-bit palette images: ids 0..255, so at most 256 classes (background included).
+MAX_K = 256
+# Seeds reach numpy, scikit-learn (which needs < 2**32) and faiss, with small offsets added per level.
+MAX_SEED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class SegmentConfig:
                 raise UsageError(msg)
 
         need(self.k >= 2, f"--k must be at least 2 (background + one class), got {self.k}")
+        need(self.k <= MAX_K, f"--k must be at most {MAX_K}: label PNGs hold ids 0..255, got {self.k}")
+        need(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         need(self.feature_kind in FEATURE_KINDS, f"unknown feature kind {self.feature_kind!r}; use one of {', '.join(FEATURE_KINDS)}")
         need(self.fusion in FUSION_RULES, f"unknown fusion rule {self.fusion!r}; use one of {', '.join(FUSION_RULES)}")
         need(self.assign in ASSIGN_METHODS, f"unknown --assign {self.assign!r}; use one of {', '.join(ASSIGN_METHODS)}")
@@ -84,6 +90,9 @@ class SegmentConfig:
         need(self.work_max_side >= 16, "--work-max-side must be at least 16")
         need(self.max_samples >= 100, "--max-samples must be at least 100")
         need(0.0 <= self.min_region_frac < 1.0, "--min-region must be a fraction in [0, 1)")
+        need(self.min_region_px >= 0, f"--min-region-px must be at least 0, got {self.min_region_px}")
+        need(self.crop_size >= 16, "--crop-size must be at least 16")
+        need(0.0 <= self.crop_margin < 1.0, "--crop-margin must be a fraction in [0, 1)")
         need(self.n_parts >= 2, "--parts must be at least 2")
         need(self.crf_iterations >= 1, "--crf-iterations must be at least 1")
         need(self.crf_max_side == 0 or self.crf_max_side >= 16, "--crf-max-side must be 0 (full size) or at least 16")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -42,8 +42,13 @@ class FeatureSource:
         batch_size: int = 8,
         timings: Timings | None = None,
         backbone=None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
+        # The sizes every image's features must share (feature dim D, CLS dim C): fixed by the first features
+        # the run reads or computes; a later file that differs is reported and skipped (a cache entry: redone).
+        self.dims: dict[str, int] = {}
+        self.warn = warn or (lambda message: None)
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.batch_size = max(1, int(batch_size))
         self.timings = timings or Timings()
@@ -65,7 +70,7 @@ class FeatureSource:
             self.identity = self.backbone.fingerprint()
             # Precision is part of the key: bf16 features must never be mixed with fp32 ones.
             namespace = f"{self.identity}-{config.digest(*FEATURE_FIELDS)}-{self.backbone.precision}-v{CACHE_FORMAT}"
-            self.cache = FeatureCache(self.cache_root, namespace)
+            self.cache = FeatureCache(self.cache_root, namespace, warn=lambda message: self.warn(message))
 
     @property
     def has_backbone(self) -> bool:
@@ -115,13 +120,13 @@ class FeatureSource:
             try:
                 if self.folder is not None:
                     with self.timings("feature io"):
-                        results[item.key] = self.folder.load(item.key, item.path)
+                        results[item.key] = self._fix_dims(self.folder.load(item.key, item.path, self.dims))
                     continue
                 digest = self.item_id(item)
                 with self.timings("feature io"):
-                    cached = self.cache.load(digest)
+                    cached = self.cache.load(digest, self.dims)
                 if cached is not None:
-                    results[item.key] = cached
+                    results[item.key] = self._fix_dims(cached)
                     continue
                 with self.timings("load images"):
                     rgb = load_image(item.path, self.config.work_max_side).rgb
@@ -148,7 +153,7 @@ class FeatureSource:
                 )
                 with self.timings("feature io"):
                     self.cache.save(self.item_id(item), f)
-                results[item.key] = f
+                results[item.key] = self._fix_dims(f)
         return [(item, results[item.key]) for item in items]
 
     def check_proposals(self, items: list[ImageItem]) -> None:
@@ -167,6 +172,12 @@ class FeatureSource:
             raise InputError(f"--prior {self.config.prior} needs a 'proposal' array in every --features file, but "
                              f"{len(lacking)} of {len(items)} lack it (e.g. {lacking[0]}); add it (README: Bring your "
                              "own features) or use --prior levels")
+
+    def _fix_dims(self, f: ImageFeatures) -> ImageFeatures:
+        """Remember the feature and CLS dimensions of the first features of the run."""
+        if not self.dims:
+            self.dims = {k: v for k, v in f.dims.items() if k in ("D", "C")}
+        return f
 
     def embed_crops(self, crops: list[np.ndarray]) -> np.ndarray:
         with self.timings("crop forward"):

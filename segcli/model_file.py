@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from segcli import __version__
+from segcli.arrays import ArrayCheckError, ArraySpec, check_arrays
 from segcli.config import SegmentConfig
 from segcli.errors import ModelError, UsageError
 from segcli.foreground import LevelModel
@@ -24,6 +25,55 @@ FORMAT = "segcli-model"
 # --prior levels (readable by every segcli), 2 for --prior maskdistill/vote (older readers would ignore the
 # prior and silently fall back to the three levels, so they must refuse the file instead).
 FORMAT_VERSION = 2
+
+
+def expected_arrays(config: SegmentConfig, feature_dim: int) -> tuple[dict[str, ArraySpec], dict[str, int]]:
+    """The arrays a model file of this configuration holds, and the sizes known in advance: the one place that
+    says what a model file must contain (an array added to the model adds its spec here).
+
+    Named sizes: D feature dim; Dcls CLS dim; G fitted categories; K classes; E class embedding size;
+    P parts; Dp part centroid size. Their ranges are checked in :func:`check_model_arrays`.
+    """
+    f32, u8, i64 = ("float32",), ("uint8",), ("int64",)
+    # --prior maskdistill fits no level: the dataset level is stored with no cluster and no category.
+    dataset_k = 0 if config.prior == "maskdistill" else config.dataset_k
+    specs = {
+        "dataset_centroids": ArraySpec((dataset_k, "D"), f32),
+        "dataset_foreground": ArraySpec((dataset_k,), u8),
+        "category_centroids": ArraySpec(("G", "Dcls"), f32),
+        "category_level_centroids": ArraySpec(("G", config.category_k, "D"), f32),
+        "category_level_foreground": ArraySpec(("G", config.category_k), u8),
+        "class_centroids": ArraySpec(("K", "E"), f32),
+        "part_centroids": ArraySpec(("P", "Dp"), f32),
+        "part_classes": ArraySpec(("P",), i64),
+    }
+    return specs, {"D": int(feature_dim)}
+
+
+def check_model_arrays(arrays: dict[str, np.ndarray], config: SegmentConfig, feature_dim: int) -> None:
+    """Every array's shape, dtype and values against the configuration; ArrayCheckError says what is wrong."""
+    specs, dims = expected_arrays(config, feature_dim)
+    d = check_arrays(arrays, specs, dims)
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ArrayCheckError(msg)
+
+    need(d["D"] >= 1 and d["Dcls"] >= 1, "empty feature or CLS dimension")
+    if config.prior == "maskdistill":
+        need(d["G"] == 0, f"{d['G']} categories, expected none with --prior maskdistill")
+    else:
+        need(1 <= d["G"] <= config.n_categories, f"{d['G']} categories, expected 1..{config.n_categories}")
+    need(d["K"] <= config.k - 1, f"{d['K']} class centroids, expected at most k - 1 = {config.k - 1}")
+    if d["K"]:
+        want = {"pooled": d["D"], "cls": d["Dcls"]}.get(config.assign)
+        need(want is None or d["E"] == want, f"class centroids have size {d['E']}, expected {want} for --assign {config.assign}")
+    need(d["P"] <= config.n_parts, f"{d['P']} part centroids, expected at most --parts {config.n_parts}")
+    need(d["P"] == 0 or d["Dp"] == d["D"], f"part centroids have size {d['Dp']}, expected {d['D']}")
+    for name in ("dataset_foreground", "category_level_foreground"):
+        need(bool(np.isin(arrays[name], (0, 1)).all()), f"array {name!r} holds values other than 0 and 1")
+    pc = arrays["part_classes"]
+    need(not pc.size or (pc.min() >= 1 and pc.max() <= config.k - 1), f"array 'part_classes' holds ids outside 1..{config.k - 1}")
 
 
 @dataclass
@@ -108,22 +158,34 @@ class SegModel:
             raise ModelError(f"{path} is not a segcli model file or is damaged ({type(exc).__name__})") from None
         if meta.get("format") != FORMAT:
             raise ModelError(f"{path} is not a segcli model file (made by `segcli cluster-dataset --out`)")
-        if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+        try:
+            version = int(meta.get("format_version", ""))
+        except (TypeError, ValueError):
+            raise ModelError(f"{path}: bad format version {meta.get('format_version')!r} (damaged model file)") from None
+        if version > FORMAT_VERSION:
             raise ModelError(f"{path} was written by a newer segcli ({meta.get('segcli_version')}); upgrade segcli")
+        if version < 1:
+            raise ModelError(f"{path}: bad format version {version} (damaged model file)")
         try:
             config = SegmentConfig.from_dict(json.loads(meta["config"]))
-            cat_c, cat_f = arrays["category_level_centroids"], arrays["category_level_foreground"].astype(bool)
-            return cls(
-                config=config,
-                weights_id=meta["weights_id"],
-                feature_dim=int(meta["feature_dim"]),
-                dataset=LevelModel(arrays["dataset_centroids"], arrays["dataset_foreground"].astype(bool)),
-                category_centroids=arrays["category_centroids"],
-                categories=[LevelModel(cat_c[i], cat_f[i]) for i in range(cat_c.shape[0])],
-                class_centroids=arrays["class_centroids"],
-                part_centroids=arrays["part_centroids"],
-                part_classes=arrays["part_classes"],
-                version=meta.get("segcli_version", "?"),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ModelError(f"{path}: model file is incomplete ({exc})") from None
+            feature_dim = int(meta["feature_dim"])
+            weights_id = meta["weights_id"]
+        except (KeyError, ValueError, TypeError, AttributeError, UsageError) as exc:
+            raise ModelError(f"{path}: model file has a bad or missing configuration ({exc})") from None
+        try:
+            check_model_arrays(arrays, config, feature_dim)
+        except ArrayCheckError as exc:
+            raise ModelError(f"{path}: model file does not match its configuration: {exc}") from None
+        cat_c, cat_f = arrays["category_level_centroids"], arrays["category_level_foreground"].astype(bool)
+        return cls(
+            config=config,
+            weights_id=weights_id,
+            feature_dim=feature_dim,
+            dataset=LevelModel(arrays["dataset_centroids"], arrays["dataset_foreground"].astype(bool)),
+            category_centroids=arrays["category_centroids"],
+            categories=[LevelModel(cat_c[i], cat_f[i]) for i in range(cat_c.shape[0])],
+            class_centroids=arrays["class_centroids"],
+            part_centroids=arrays["part_centroids"],
+            part_classes=arrays["part_classes"],
+            version=meta.get("segcli_version", "?"),
+        )

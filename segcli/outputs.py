@@ -283,3 +283,45 @@ def remove_stale_temporaries(folder: Path) -> int:
                 pass
     return removed
 
+
+
+def check_apart_from_inputs(outputs: dict[str, Path | None], input_dirs: list[Path], input_files: list[Path],
+                            output_files: dict[str, Path | None] | None = None) -> None:
+    """Refuse (:class:`UsageError`, exit 2) any output that could replace a user's input.
+
+    ``outputs`` are folders segcli writes into (``--out``, ``--overlay``, ``--masks``, ``--cache``): none may
+    be, contain or lie inside an input folder (``input_dirs``: the image folder, ``--features``), nor contain
+    an input file (``input_files``: every image, list file, weights or model file). ``output_files`` (the
+    model file of ``cluster-dataset --out``) may neither be an input file nor lie inside an input folder.
+    Paths are compared resolved, so symlinks cannot hide an overlap. Nothing is created before this check.
+    """
+    from segcli.errors import UsageError
+
+    def real(p: Path) -> Path:
+        return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
+
+    dirs = [real(d) for d in input_dirs]
+    files = {real(f) for f in input_files}
+    file_parents: set[Path] = set()
+    for f in files:
+        file_parents.update(f.parents)
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        o = real(path)
+        for d in dirs:
+            if o == d or d in o.parents or o in d.parents:
+                how = "is" if o == d else ("lies inside" if d in o.parents else "contains")
+                raise UsageError(f"{option} {path} {how} the input folder {d}: segcli never writes among its "
+                                 "inputs; choose a folder outside it")
+        if o in file_parents or o in files:
+            inside = sorted(f for f in files if o in f.parents or o == f)[0]
+            raise UsageError(f"{option} {path} holds the input {inside}: segcli never writes among its inputs; "
+                             "choose a folder outside it")
+    for option, path in (output_files or {}).items():
+        if path is None:
+            continue
+        o = real(path)
+        if o in files or any(d == o or d in o.parents for d in dirs):
+            raise UsageError(f"{option} {path} is an input or lies in an input folder: segcli never writes among "
+                             "its inputs; choose a path outside them")

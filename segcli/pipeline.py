@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli.cache import ImageFeatures, load_array_bundle, save_array_bundle
+from segcli.arrays import ArraySpec
+from segcli.cache import CACHE_LAYOUT, EntryStore, ImageFeatures
 from segcli.config import REGION_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, UsageError
 from segcli.features_source import FeatureSource
@@ -32,6 +33,25 @@ from segcli.report import Reporter, Timings
 MANIFEST = ".segcli-run.json"
 # A category with fewer sampled patches than this uses the dataset-level centroids instead of its own.
 MIN_CATEGORY_SAMPLES = 50
+
+# The arrays of a per-image region bundle (cached under <cache>/regions/): H, W working size; h, w patch grid;
+# n regions; E embedding size (0 when nothing is embedded).
+REGION_SPECS: dict[str, ArraySpec] = {
+    "regions": ArraySpec(("H", "W"), ("uint16", "int32")),
+    "n": ArraySpec((), ("int64",)),
+    "emb": ArraySpec(("n", "E"), ("float32",)),
+    "fg_grid": ArraySpec(("h", "w"), ("bool",)),
+    "original_size": ArraySpec((2,), ("int64",)),
+}
+
+
+def _check_region_bundle(b: dict[str, np.ndarray]) -> None:
+    """Content checks beyond shapes: the region count agrees with the embeddings and the region map."""
+    n = int(b["n"])
+    if n != b["emb"].shape[0] or (b["regions"].size and int(b["regions"].max()) > n) or (b["regions"].min(initial=0) < 0):
+        raise ValueError(f"region bundle is inconsistent (n={n}, {b['emb'].shape[0]} embeddings)")
+    if (b["original_size"] < 1).any():
+        raise ValueError("region bundle has an empty original size")
 
 
 @dataclass
@@ -81,7 +101,7 @@ class Segmenter:
         self.config = config or SegmentConfig()
         self.reporter = reporter or Reporter()
         self.timings = source.timings if source is not None else Timings()
-        self.source = source or FeatureSource(self.config, timings=self.timings, **source_kwargs)
+        self.source = source or FeatureSource(self.config, timings=self.timings, warn=self.reporter.warn, **source_kwargs)
         if self.config.assign == "cls" and not self.source.has_backbone:
             raise UsageError("--assign cls embeds region crops with the backbone; with --features use --assign pooled or parts")
         self.skipped: dict[str, str] = {}
@@ -187,7 +207,10 @@ class Segmenter:
         """Cluster the embeddings of every region of the dataset into k - 1 classes."""
         cfg = self.config
         # Images without regions contribute nothing (their (0, 0) arrays cannot be stacked with the others).
-        embs = [r["emb"] for _, _, r in self._results(items, "regions", need_features=False) if len(r["emb"])]
+        # In the items' order, whichever bundles came from the cache: the clustering must not depend on which
+        # entries had to be recomputed (a damaged cache entry must give the masks of a clean run).
+        found = {item.key: r["emb"] for item, _, r in self._results(items, "regions", need_features=False) if len(r["emb"])}
+        embs = [found[item.key] for item in items if item.key in found]
         with self.timings("clustering"):
             X = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
             n = min(cfg.k - 1, X.shape[0])
@@ -253,6 +276,7 @@ class Segmenter:
             h.update(np.ascontiguousarray(lv.foreground).tobytes())
         fields = REGION_FIELDS + ("assign", "crop_size", "crop_margin")
         h.update(self.config.digest(*fields).encode())
+        h.update(CACHE_LAYOUT.encode())
         h.update(self.source.identity.encode())
         return h.hexdigest()[:20]
 
@@ -262,13 +286,15 @@ class Segmenter:
         With ``need_features=False`` an item whose bundle is already cached comes with features None, so
         passes that only need regions and embeddings do not read every feature file again.
         """
-        root = self.source.cache_root / "regions" / self._region_key()
+        store = EntryStore(self.source.cache_root, f"regions/{self._region_key()}", compressed=True,
+                           warn=self.reporter.warn)
 
-        def bundle_path(item: ImageItem) -> Path:
-            digest = self.source.item_id(item)
-            return root / digest[:2] / f"{digest}.npz"
+        def load_bundle(item: ImageItem, f: ImageFeatures | None) -> dict[str, np.ndarray] | None:
+            dims = {"h": f.grid[0], "w": f.grid[1]} if f is not None else None
+            with self.timings("region io"):
+                return store.load(self.source.item_id(item), REGION_SPECS, dims, check=_check_region_bundle)
 
-        pending = []
+        pending, absent = [], set()
         for item in items:
             if item.key in self.skipped:
                 continue
@@ -276,20 +302,17 @@ class Segmenter:
                 pending.append(item)
                 continue
             try:
-                path = bundle_path(item)
+                bundle = load_bundle(item, None)
             except BadImageError as exc:
                 self._skip(item, exc)
                 continue
-            with self.timings("region io"):
-                bundle = load_array_bundle(path)
             if bundle is None:
                 pending.append(item)
+                absent.add(item.key)  # read once: a damaged entry is reported once, then recomputed
             else:
                 yield item, None, bundle
         for item, f in self._features(pending, description):
-            path = bundle_path(item)
-            with self.timings("region io"):
-                bundle = load_array_bundle(path)
+            bundle = None if item.key in absent else load_bundle(item, f)
             if bundle is None:
                 try:
                     bundle = self._compute_regions(item, f)
@@ -297,7 +320,7 @@ class Segmenter:
                     self._skip(item, exc)
                     continue
                 with self.timings("region io"):
-                    save_array_bundle(path, **bundle)
+                    store.save(self.source.item_id(item), bundle)
             yield item, f, bundle
 
     def _fg_masks(self, f: ImageFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -349,10 +372,10 @@ class Segmenter:
             emb = np.zeros((n, 0), np.float32)
         return {
             "regions": regions.astype(np.uint16 if n < 65535 else np.int32),
-            "n": np.array(n),
+            "n": np.array(n, dtype=np.int64),
             "emb": np.asarray(emb, np.float32),
             "fg_grid": fg_grid,
-            "original_size": np.array(img.original_size),
+            "original_size": np.array(img.original_size, dtype=np.int64),
         }
 
     # ------------------------------------------------------------------ predict

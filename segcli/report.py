@@ -25,6 +25,9 @@ class Reporter:
     def note(self, message: str) -> None:
         pass
 
+    def warn(self, message: str) -> None:
+        """Something went wrong and was repaired (e.g. a damaged cache entry recomputed); shown even when quiet."""
+
 
 class RichReporter(Reporter):
     """Progress bars and messages on stderr, so stdout stays clean for machine-readable output."""
@@ -51,6 +54,9 @@ class RichReporter(Reporter):
 
     def skip(self, name: str, reason: str) -> None:
         self.console.print(f"[yellow]skipped[/] {reason}", markup=True, soft_wrap=True)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"segcli: warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
         if not self.quiet:

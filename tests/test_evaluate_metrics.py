@@ -87,10 +87,11 @@ def test_ignore_pixels_are_dropped_but_prediction_pixels_are_not(tmp_path):
     assert (res.scored_pixels, res.ignored_pixels) == (4, 2)
 
 
-def test_id_seen_only_on_ignored_pixels_still_counts_as_a_predicted_id(tmp_path):
+def test_id_seen_only_on_ignored_pixels_is_not_a_predicted_id(tmp_path):
+    # Issue 13: an id that meets no scored pixel must not switch `auto` from Hungarian to majority.
     res = run(tmp_path, {"x": ([0, 1, 2], [0, 1, 255])}, num_classes=2)
-    assert res.pred_ids == [0, 1, 2] and res.method == "majority"
-    assert res.mapping == {0: 0, 1: 1, 2: None}
+    assert res.pred_ids == [0, 1] and res.method == "hungarian"
+    assert res.mapping == {0: 0, 1: 1}
     assert res.miou == 1.0
 
 

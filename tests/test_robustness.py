@@ -264,7 +264,8 @@ def test_only_bad_images_is_an_input_error(tmp_path):
     images.mkdir()
     (images / "a.jpg").write_bytes(b"")
     (images / "b.png").write_text("no")
-    r = cli("segment", images, "--out", tmp_path / "o", "--features", tmp_path, "--assign", "pooled",
+    (tmp_path / "feats").mkdir()  # apart from the outputs: a features folder holding --out/--cache is refused
+    r = cli("segment", images, "--out", tmp_path / "o", "--features", tmp_path / "feats", "--assign", "pooled",
             "--cache", tmp_path / "c", "--quiet")
     assert r.exit_code == 3
     lines = r.output.strip().splitlines()

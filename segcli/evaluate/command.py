@@ -181,6 +181,13 @@ def evaluate_command(
         workers=workers,
     )
     json_to_stdout = json_out is not None and str(json_out) == "-"
+    from segcli.outputs import check_apart_from_inputs
+
+    # Never write among the inputs: --remap-out apart from both folders, --json/--plot not over or among them.
+    inputs = [Path(p) for p in (pred_dir, gt)]
+    check_apart_from_inputs({"--remap-out": remap_out}, [p for p in inputs if p.is_dir()],
+                            [p for p in inputs if p.is_file()],
+                            {"--json": None if json_to_stdout else json_out, "--plot": plot})
     console = Console(stderr=json_to_stdout)
     err = Console(stderr=True)
 

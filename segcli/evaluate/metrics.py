@@ -128,11 +128,17 @@ class MatchResult:
         return {int(i): (int(c) if c >= 0 else None) for i, c in zip(self.pred_ids, self.assignment)}
 
 
-def prediction_id_set(full: np.ndarray, num_clusters: int | None) -> np.ndarray:
-    """Ids present anywhere in the predictions (ignored pixels included), or 0..num_clusters-1."""
-    found = np.flatnonzero(full.sum(axis=1) > 0)
+def prediction_id_set(full: np.ndarray, num_clusters: int | None, num_classes: int | None = None) -> np.ndarray:
+    """Ids that meet at least one scored pixel (columns ``:num_classes``), or 0..num_clusters-1.
+
+    An id seen only on ignored ground-truth pixels takes no part: it could never be matched to anything, and
+    counting it would switch ``auto`` from Hungarian to majority. ``--num-clusters`` is still checked against
+    every id found, ignored pixels included.
+    """
+    cols = slice(None) if num_classes is None else slice(0, num_classes)
     if num_clusters is None:
-        return found
+        return np.flatnonzero(full[:, cols].sum(axis=1) > 0)
+    found = np.flatnonzero(full.sum(axis=1) > 0)
     if found.size and found[-1] >= num_clusters:
         raise UsageError(f"predictions hold id {int(found[-1])} but --num-clusters is {num_clusters}")
     return np.arange(num_clusters)
@@ -142,7 +148,7 @@ def match_and_score(
     full: np.ndarray, num_classes: int, matching: str = "auto", num_clusters: int | None = None
 ) -> MatchResult:
     """Matching and figures from a full (256, C + extra) confusion matrix."""
-    ids = prediction_id_set(full, num_clusters)
+    ids = prediction_id_set(full, num_clusters, num_classes)
     scored = full[ids, :num_classes]
     method = select_method(len(ids), num_classes, matching)
     assignment = match(scored, method)

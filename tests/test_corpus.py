@@ -1,0 +1,451 @@
+"""The bad-input corpus of both reliability rounds (issues: nothing lost, one-line errors; issue 13).
+
+One parametrised test runs the CLI over every bad input and checks, for each: the exit code, exactly one
+message line on stderr (``segcli: error:``, ``segcli: warning:`` or ``skipped``; the closing summary line of a
+finished run is not counted), no traceback and no internal error, the inputs byte for byte unchanged, and every
+other output intact: a failed run leaves an existing output folder as it was, and a run that skips or repairs
+one input writes the other images' masks exactly as a clean run does.
+
+Every case builds its own bad input in a fresh copy of a tiny synthetic dataset (6 images, --features, so no
+backbone runs) except the few that are about weights or the backbone feature cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from segcli.cli import app
+from tests.corrupt import damage, npz_arrays, write_npz
+from tests.synthetic import make_dataset
+
+runner = CliRunner()
+FAST = ["--k", 3, "--assign", "pooled", "--quiet"]
+
+
+@dataclass
+class Case:
+    args: list  # after the command name
+    code: int
+    fragment: str  # must appear in the one message line
+    command: str = "segment"
+    out: Path | None = None  # the mask folder: pre-filled for failures, compared with a clean run otherwise
+    clean: str | None = None  # which clean run the masks must equal: "fit" (segment) or "model" (segment --model)
+    changed: list[str] = field(default_factory=list)  # keys whose masks are not compared (the bad ones)
+    lines: int = 1  # message lines expected on stderr (the last one holds the fragment)
+    process: bool = False  # run `python -m segcli` (click's own parse errors are turned into one line there)
+
+
+@dataclass
+class Env:
+    base: Path  # the module's clean runs (read-only)
+    data: Path  # this case's own copy of the dataset
+    tmp: Path
+
+    @property
+    def images(self) -> Path:
+        return self.data / "images"
+
+    @property
+    def feats(self) -> Path:
+        return self.data / "features"
+
+    def features(self, *extra) -> list:
+        return ["--features", self.feats, "--cache", self.tmp / "cache", *FAST, *extra]
+
+    def with_model(self, *extra) -> list:
+        return ["--model", self.base / "model.segcli", "--features", self.feats, "--cache", self.tmp / "cache", "--quiet", *extra]
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def masks(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).with_suffix("").as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def run_cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@dataclass
+class ProcessResult:
+    exit_code: int
+    stderr: str
+    output: str
+
+
+def run_process(*args) -> ProcessResult:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "segcli", *[str(a) for a in args]], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+    return ProcessResult(p.returncode, p.stderr, p.stdout + p.stderr)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """The clean dataset, a clean transductive run (masks + cache), a fitted model and its clean predictions."""
+    root = tmp_path_factory.mktemp("corpus")
+    make_dataset(root / "data", n_images=6, nested=False)
+    d = root / "data"
+    r = run_cli("segment", d / "images", "--out", root / "ref_fit", "--features", d / "features", "--cache", root / "cache", *FAST)
+    assert r.exit_code == 0, r.output
+    r = run_cli("cluster-dataset", d / "images", "--out", root / "model.segcli", "--features", d / "features",
+                "--cache", root / "cache_model", *FAST)
+    assert r.exit_code == 0, r.output
+    r = run_cli("segment", d / "images", "--out", root / "ref_model", "--model", root / "model.segcli", "--features",
+                d / "features", "--cache", root / "cache_model", "--quiet")
+    assert r.exit_code == 0, r.output
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------- builders
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _feature_file(env: Env, key: str, **changes) -> None:
+    arrays = npz_arrays(env.feats / f"{key}.npz")
+    for name, value in changes.items():
+        if value is None:
+            del arrays[name]
+        else:
+            arrays[name] = value(arrays[name]) if callable(value) else value
+    write_npz(env.feats / f"{key}.npz", arrays)
+
+
+def _bad_image(data: bytes | None = None, make: Callable[[Path], None] | None = None):
+    """An extra image next to the good ones, with a feature file (so that the image itself is what is bad)."""
+    def build(env: Env) -> Case:
+        path = env.images / "zz_bad.png"
+        if make is not None:
+            make(path)
+        else:
+            _write(path, data)
+        shutil.copy(env.feats / "img000.npz", env.feats / "zz_bad.npz")
+        return Case(env.with_model(), 4, "zz_bad", out=env.tmp / "o", clean="model", changed=["zz_bad"])
+    return build
+
+
+def _bad_features(key: str = "img003", fragment: str = "img003", **changes):
+    def build(env: Env) -> Case:
+        _feature_file(env, key, **changes)
+        return Case(env.with_model(), 4, fragment, out=env.tmp / "o", clean="model", changed=[key])
+    return build
+
+
+def _raw_feature_file(data: bytes):
+    def build(env: Env) -> Case:
+        _write(env.feats / "img003.npz", data)
+        return Case(env.with_model(), 4, "img003", out=env.tmp / "o", clean="model", changed=["img003"])
+    return build
+
+
+def _model_file(make: Callable[[Path, Path], None], fragment: str = ""):
+    def build(env: Env) -> Case:
+        m = env.tmp / "m.segcli"
+        make(env.base / "model.segcli", m)
+        return Case(["--model", m, "--features", env.feats, "--cache", env.tmp / "cache", "--quiet"], 5, fragment,
+                    out=env.tmp / "o")
+    return build
+
+
+def _edit_model(arrays: dict | None = None, meta: dict | None = None):
+    def make(src: Path, dst: Path) -> None:
+        from tests.test_reliability import _rewrite_model
+
+        _rewrite_model(src, dst, arrays, meta)
+    return make
+
+
+def _damaged_region_entry(mode: str):
+    def build(env: Env) -> Case:
+        cache = env.tmp / "cache"
+        shutil.copytree(env.base / "cache", cache)
+        entries = sorted((cache / "regions").rglob("*.npz"))
+        damage(entries[:2] if mode == "swap" else entries[:1], mode)
+        return Case(env.features(), 0, "damaged cache entry", out=env.tmp / "o", clean="fit")
+    return build
+
+
+def _weights(data: bytes | None = None, nan: bool = False):
+    def build(env: Env) -> Case:
+        w = env.tmp / "w.pth"
+        if nan:
+            import torch
+
+            from tests.checkpoints import SMALL, random_state_dict
+
+            sd = random_state_dict(SMALL, 0)
+            sd["pos_embed"] = sd["pos_embed"].clone()  # the helper's tensors are shared
+            sd["pos_embed"][0, 0, 0] = float("nan")
+            torch.save(sd, w)
+        else:
+            _write(w, data)
+        return Case(["--weights", w, "--cache", env.tmp / "cache", "--device", "cpu", "--quiet"], 5,
+                    "NaN" if nan else str(w), out=env.tmp / "o")
+    return build
+
+
+def _option(*opt, fragment: str = ""):
+    def build(env: Env) -> Case:
+        return Case(env.features(*opt), 2, fragment or opt[0], out=env.tmp / "o")
+    return build
+
+
+def _overlap(option: str, where: Callable[[Env], Path], command: str = "segment"):
+    def build(env: Env) -> Case:
+        args = env.features() if option != "--cache" else ["--features", env.feats, *FAST]
+        if command == "segment":
+            args = [*args, option, where(env)] + (["--out", env.tmp / "o"] if option != "--out" else [])
+        else:
+            args = [*args, option, where(env)]
+        return Case(args, 2, "never writes among its inputs", command=command,
+                    out=None if option in ("--out", "--masks") else env.tmp / "o")
+    return build
+
+
+def _symlink_escape(env: Env) -> Case:
+    out = env.tmp / "o"
+    out.mkdir()
+    (env.tmp / "outside").mkdir()
+    os.symlink(env.tmp / "outside", out / "sub")
+    (env.images / "sub").mkdir()
+    shutil.copy(env.images / "img000.png", env.images / "sub" / "x.png")
+    (env.feats / "sub").mkdir()
+    shutil.copy(env.feats / "img000.npz", env.feats / "sub" / "x.npz")
+    return Case([*env.with_model(), "--out", out], 3, "outside the output folder", out=None)
+
+
+def _decompression_bomb(path: Path) -> None:
+    Image.new("1", (20000, 20000)).save(path, optimize=False)
+
+
+def _broken_symlink(path: Path) -> None:
+    os.symlink(path.parent / "gone.png", path)
+
+
+def _list_file(content: bytes):
+    def build(env: Env) -> Case:
+        lst = _write(env.tmp / "list.txt", content)
+        return Case(env.features(), 3, "list", out=env.tmp / "o", command=f"segment:{lst}")
+    return build
+
+
+def _feature_cache_entry_of_other_dim(env: Env) -> Case:
+    """A backbone cache entry replaced by a (valid-looking) file of another feature dimension."""
+    from tests.checkpoints import SMALL, checkpoint_file
+
+    small = env.tmp / "small"
+    small.mkdir()
+    for i in range(3):
+        shutil.copy(env.images / f"img00{i}.png", small / f"img00{i}.png")
+    args = ["--weights", checkpoint_file(SMALL, "timm", 0), "--short-side", 32, "--max-side", 64, "--crf-max-side", 32,
+            "--work-max-side", 96, "--device", "cpu", "--fusion", "any", "--regions", "whole", "--k", 3,
+            "--assign", "pooled", "--cache", env.tmp / "cache", "--quiet"]
+    r = run_cli("segment", small, "--out", env.tmp / "clean", *args)
+    assert r.exit_code == 0, r.output
+    entry = sorted((env.tmp / "cache" / "features").rglob("*.npz"))[0]
+    arrays = npz_arrays(entry)
+    arrays["feats"] = arrays["feats"][..., :100].copy()
+    write_npz(entry, arrays)
+    shutil.rmtree(env.tmp / "cache" / "regions")
+    return Case(args, 0, "damaged cache entry", out=env.tmp / "o", clean="clean", command=f"segment:{small}")
+
+
+def _evaluate(build_pairs: Callable[[Path], list], code: int, fragment: str):
+    def build(env: Env) -> Case:
+        pred, gt = env.data / "pred", env.data / "gt"
+        for name, (p, g) in {"a": ([[0, 0, 1, 1]], [[0, 0, 1, 1]]), "b": ([[1, 1, 0]], [[1, 1, 255]])}.items():
+            pred.mkdir(exist_ok=True)
+            gt.mkdir(exist_ok=True)
+            Image.fromarray(np.array(p, np.uint8)).save(pred / f"{name}.png")
+            Image.fromarray(np.array(g, np.uint8)).save(gt / f"{name}.png")
+        return Case([pred, gt, *build_pairs(env)], code, fragment, command="evaluate")
+    return build
+
+
+def _drop_gt(env: Env) -> list:
+    (env.data / "gt" / "b.png").unlink()
+    return ["--num-classes", 2]
+
+
+def _bad_gt_value(env: Env) -> list:
+    Image.fromarray(np.array([[0, 7, 1]], np.uint8)).save(env.data / "gt" / "b.png")
+    return ["--num-classes", 2]
+
+
+CASES: dict[str, Callable[[Env], Case]] = {
+    # ---- round 1: paths and options
+    "missing input folder": lambda env: Case(env.features(), 3, "not found", command=f"segment:{env.tmp / 'nope'}", out=env.tmp / "o"),
+    "empty input folder": lambda env: (env.tmp.joinpath("empty").mkdir(), Case(env.features(), 3, "no images", command=f"segment:{env.tmp / 'empty'}", out=env.tmp / "o"))[1],
+    # Two lines by design: the skipped image, then the error that nothing is left.
+    "only bad images": lambda env: (_write(env.tmp / "bad" / "a.jpg", b""),
+                                    Case(env.features(), 3, "no usable images", command=f"segment:{env.tmp / 'bad'}", out=env.tmp / "o", lines=2))[1],
+    "output is a file": lambda env: Case(env.features(), 3, "is a file", out=_write(env.tmp / "ofile", b"x")),
+    "--k 1": _option("--k", "1"),
+    "--k 0": _option("--k", "0"),
+    "--k -3": _option("--k", "-3"),
+    "--split on a plain folder": lambda env: Case(env.features("--split", "val"), 3, "--split", out=env.tmp / "o"),
+    "unknown backbone": lambda env: Case(["--backbone", "not_a_model_xyz", "--cache", env.tmp / "c", "--quiet"], 5, "not_a_model_xyz", out=env.tmp / "o"),
+    "weights: empty file": _weights(b""),
+    "weights: garbage": _weights(b"garbage, not a checkpoint"),
+    "weights: truncated zip": _weights(b"PK\x03\x04truncated zip"),
+    "model: empty file": _model_file(lambda s, d: _write(d, b"")),
+    "model: bad header": _model_file(lambda s, d: _write(d, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")),
+    "model: text": _model_file(lambda s, d: _write(d, b"just text")),
+    "model: truncated": _model_file(lambda s, d: _write(d, s.read_bytes()[: len(s.read_bytes()) // 2])),
+    "model: pickle payload": _model_file(lambda s, d: _write(d, pickle.dumps({"not": "a model"}))),
+    "model: missing": _model_file(lambda s, d: None, "not found"),
+    "--shard 5/2": lambda env: Case(env.features("--shard", "5/2"), 2, "--shard", command="cluster-dataset"),
+    "cluster-dataset without --out": lambda env: Case(env.features(), 2, "--out", command="cluster-dataset"),
+    "list file: empty": _list_file(b"# nothing\n\n"),
+    "list file: binary": _list_file(b"\xff\xfe\x00\x01garbage"),
+    "image: zero bytes": _bad_image(b""),
+    "image: text named .png": _bad_image(b"this is not a picture\n" * 10),
+    "image: truncated png": lambda env: _bad_image(env.images.joinpath("img001.png").read_bytes()[:300])(env),
+    "image: broken symlink": _bad_image(make=_broken_symlink),
+    "image: decompression bomb": _bad_image(make=_decompression_bomb),
+    "image without a feature file": lambda env: (shutil.copy(env.images / "img000.png", env.images / "zz_nofeat.png"),
+                                                 Case(env.with_model(), 4, "zz_nofeat", out=env.tmp / "o", clean="model", changed=["zz_nofeat"]))[1],
+    "output subfolder symlinked outside": _symlink_escape,
+    # ---- round 2, item 1: outputs overlapping inputs
+    "--out is the input": _overlap("--out", lambda env: env.images),
+    "--out inside the input": _overlap("--out", lambda env: env.images / "masks"),
+    "--out contains the input": _overlap("--out", lambda env: env.data),
+    "--overlay is the input": _overlap("--overlay", lambda env: env.images),
+    "--cache inside the input": _overlap("--cache", lambda env: env.images / ".cache"),
+    "--cache is the features folder": _overlap("--cache", lambda env: env.feats),
+    "--masks is the input": _overlap("--masks", lambda env: env.images, command="cluster-dataset"),
+    "model --out over an input image": _overlap("--out", lambda env: env.images / "img000.png", command="cluster-dataset"),
+    "evaluate --remap-out is the predictions": _evaluate(lambda env: ["--num-classes", 2, "--remap-out", env.data / "pred"], 2, "never writes"),
+    "evaluate --json over a ground-truth file": _evaluate(lambda env: ["--num-classes", 2, "--json", env.data / "gt" / "a.png"], 2, "never writes"),
+    # ---- round 2, item 2: damaged cache entries (repaired: exit 0, one warning)
+    **{f"region cache entry: {m}": _damaged_region_entry(m) for m in ("truncate", "zero", "garble", "shape", "drop")},
+    "feature cache entry of another dimension": _feature_cache_entry_of_other_dim,
+    # ---- item 3: model files
+    "model: array of another shape": _model_file(_edit_model({"dataset_centroids": lambda a: a[:, :-1].copy()}), "dataset_centroids"),
+    "model: array of another dtype": _model_file(_edit_model({"part_classes": lambda a: a.astype(np.int32)}), "part_classes"),
+    "model: array missing": _model_file(_edit_model({"class_centroids": None}), "class_centroids"),
+    "model: NaN centroids": _model_file(_edit_model({"dataset_centroids": lambda a: a * np.float32("nan")}), "NaN"),
+    "model: format version not a number": _model_file(_edit_model(meta={"format_version": "x1"}), "format version"),
+    "model: format version from the future": _model_file(_edit_model(meta={"format_version": "99"}), "newer segcli"),
+    "model: feature dim disagrees": _model_file(_edit_model(meta={"feature_dim": "5"}), "D=5"),
+    # ---- item 4: non-finite weights and features
+    "weights: NaN": _weights(nan=True),
+    "features: NaN in feats": _bad_features(feats=lambda a: np.where(np.arange(a.size).reshape(a.shape) == 0, np.nan, a).astype(a.dtype), fragment="NaN"),
+    "features: inf in cls": _bad_features(cls=lambda a: a * np.inf, fragment="NaN"),
+    "features: overflow float16": _bad_features(feats=lambda a: a.astype(np.float64) * 1e6, fragment="overflow"),
+    # ---- item 5: bring-your-own features
+    "features: another feature dim": _bad_features(feats=lambda a: np.ones(a.shape[:2] + (a.shape[2] + 2,), np.float16) / 6, fragment="D=32"),
+    "features: another CLS dim": _bad_features(cls=lambda a: np.ones(a.size + 1, np.float32), fragment="C=32"),
+    "features: empty grid": _bad_features(feats=lambda a: a[:0], attn=lambda a: a[:0], fragment="empty"),
+    "features: zero feature dim": _bad_features(feats=lambda a: a[..., :0], fragment="(8, 10, 0)"),
+    "features: text array": _bad_features(attn=lambda a: np.full(a.shape, "x"), fragment="not numeric"),
+    "features: complex array": _bad_features(cls=lambda a: a.astype(np.complex64), fragment="not numeric"),
+    "features: missing array": _bad_features(attn=None, fragment="missing"),
+    "features: attn of another grid": _bad_features(attn=lambda a: a[:-1], fragment="attn"),
+    "features: not a zip": _raw_feature_file(b"not an npz file at all"),
+    "features: pickled objects": _raw_feature_file(b""),  # replaced below by a real pickled npz
+    # ---- item 6: options
+    "--seed -1": _option("--seed", "-1"),
+    "--seed 2**31": _option("--seed", str(2**31)),
+    "--threads 0": _option("--threads", "0"),
+    "--batch-size 0": _option("--batch-size", "0"),
+    "--k 257": _option("--k", "257"),
+    "--min-region-px -1": _option("--min-region-px", "-1"),
+    "--short-side 4": _option("--short-side", "4"),
+    "--crf-max-side 5": _option("--crf-max-side", "5"),
+    "--min-region 1.5": _option("--min-region", "1.5"),
+    "--parts 1": _option("--parts", "1"),
+    "--categories 0": _option("--categories", "0"),
+    "--max-samples 10": _option("--max-samples", "10"),
+    "--precision fp8": _option("--precision", "fp8"),
+    "--seed abc (not a number)": lambda env: Case(env.features("--seed", "abc"), 2, "--seed", out=env.tmp / "o", process=True),
+    "unknown option": lambda env: Case(env.features("--colour", "red"), 2, "--colour", out=env.tmp / "o", process=True),
+    "missing --out": lambda env: Case(env.features(), 2, "--out", process=True),
+    "evaluate: unknown preset": lambda env: (lambda c: (setattr(c, "process", True), c)[1])(
+        _evaluate(lambda env: ["--preset", "ade20k"], 2, "ade20k")(env)),
+    # ---- evaluate (round 1)
+    "evaluate: prediction without ground truth": _evaluate(_drop_gt, 3, "no ground truth"),
+    "evaluate: ground-truth value out of range": _evaluate(_bad_gt_value, 3, "7"),
+    "evaluate: --workers 0": _evaluate(lambda env: ["--num-classes", 2, "--workers", 0], 2, "--workers"),
+}
+
+
+def _pickled_npz(env: Env) -> Case:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, feats=np.array([{"a": 1}], dtype=object), cls=np.zeros(3, np.float32), attn=np.zeros((1, 1)))
+    _write(env.feats / "img003.npz", buf.getvalue())
+    return Case(env.with_model(), 4, "img003", out=env.tmp / "o", clean="model", changed=["img003"])
+
+
+CASES["features: pickled objects"] = _pickled_npz
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(base, tmp_path, name):
+    env = Env(base, tmp_path / "data", tmp_path)
+    shutil.copytree(base / "data", env.data)
+    case = CASES[name](env)
+    command, _, source = case.command.partition(":")
+    source = Path(source) if source else env.images
+    if command == "evaluate":
+        argv = ["evaluate", *case.args]
+    else:
+        argv = [command, source, *case.args]
+        if case.out is not None and "--out" not in [str(a) for a in case.args] and command == "segment":
+            argv += ["--out", case.out]
+    # A failure must leave an existing output folder as it was: pre-fill it with a clean run's masks.
+    prefilled = None
+    if case.code not in (0, 4) and case.out is not None and not case.out.exists():
+        shutil.copytree(base / "ref_model", case.out)
+        prefilled = digest_tree(case.out)
+    before = digest_tree(env.data)
+    source_before = digest_tree(source) if source.is_dir() and not source.is_relative_to(env.data) else None
+
+    r = run_process(*argv) if case.process else run_cli(*argv)
+
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    messages = [ln for ln in lines if not ln.startswith(("segment: wrote", "cluster-dataset: "))]
+    assert r.exit_code == case.code, f"{name}: exit {r.exit_code}, expected {case.code}\n{r.output}"
+    assert "Traceback" not in r.output and "internal error" not in r.output, r.output
+    assert len(messages) == case.lines, f"{name}: expected {case.lines} message line(s), got:\n{r.stderr}"
+    assert all(m.startswith(("segcli: error: ", "segcli: warning: ", "skipped ")) for m in messages), messages
+    assert case.fragment in messages[-1], f"{name}: {case.fragment!r} not in {messages[-1]!r}"
+    if case.code in (2, 3, 5):
+        assert messages[-1].startswith("segcli: error: ")
+    # Inputs untouched.
+    assert digest_tree(env.data) == before
+    if source_before is not None:
+        assert digest_tree(source) == source_before
+    # Other outputs intact.
+    if prefilled is not None:
+        assert digest_tree(case.out) == prefilled
+    if case.clean is not None:
+        ref = masks(base / f"ref_{case.clean}") if case.clean != "clean" else masks(env.tmp / "clean")
+        got = masks(case.out)
+        expected = {k: v for k, v in ref.items() if k not in case.changed}
+        assert {k: v for k, v in got.items() if k not in case.changed} == expected
+        assert not any(k in got for k in case.changed)
