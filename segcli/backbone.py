@@ -475,13 +475,13 @@ def load_backbone(
         path = Path(weights).expanduser()
         ck = open_checkpoint(path)
         label = f"weights file {path}"
-        if name is None:
+        if name is None or name == ck.arch:  # the architecture the file itself names
             if ck.arch is None:
                 raise ModelError(f"{label}: its tensor shapes match no known ViT architecture: pass --backbone")
             timm_name = ck.arch
         else:
             timm_name = resolve_backbone_name(name)
-        build = ck.build if name is None else {k: v for k, v in ck.build.items() if k in _STRUCTURAL}
+        build = ck.build if timm_name == ck.arch else {k: v for k, v in ck.build.items() if k in _STRUCTURAL}
     else:
         timm_name = resolve_backbone_name(name or DEFAULT_BACKBONE)
         label, build = f"the timm pretrained checkpoint of {timm_name}", {}

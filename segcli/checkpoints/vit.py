@@ -100,7 +100,8 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module, name: st
             f"choose the matching --backbone (or leave --backbone out to read it from the file)"
         )
     got_reg = _registers(sd)
-    want_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
+    reg_token = getattr(model, "reg_token", None)
+    want_reg = int(getattr(model, "num_reg_tokens", 0) or (reg_token.shape[1] if reg_token is not None else 0))
     if got_reg != want_reg:
         raise ModelError(
             f"{label} has {got_reg or 'no'} register tokens but {name} has {want_reg or 'none'}: "
