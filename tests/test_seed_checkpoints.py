@@ -25,7 +25,7 @@ from segcli.model_file import SegModel
 from segcli.outputs import read_label_png
 from tests.checkpoints import save_checkpoint
 from tests.seed_checkpoints import (
-    LEOPART, PICKLED_LAYOUTS, STEGO, fake_modules, save_leopart, save_loca, save_malicious, save_stego,
+    LEOPART, PICKLED_LAYOUTS, fake_modules, leopart_tensors, save_leopart, save_loca, save_malicious, save_stego,
 )
 
 runner = CliRunner()
@@ -151,8 +151,7 @@ def test_leopart_features_through_the_cli(files, images, tmp_path, monkeypatch, 
     path, sd = files[layout]
     bb, x, fb = capture_cli_features(monkeypatch, tmp_path, images, path)
     # Leopart's README recipe: timm ViT-S/16, model.* keys with the first component stripped
-    raw = torch.load(path, weights_only=False)
-    raw = raw.get("state_dict", raw)
+    raw, _ = leopart_tensors(LEOPART, seed=1 if layout == "leopart-lightning" else 0, teacher=layout == "leopart-lightning")
     recipe = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith("model.") and "head" not in k and "prototypes" not in k}
     model = timm_vit("vit_small_patch16_224", recipe)
     with torch.no_grad():
