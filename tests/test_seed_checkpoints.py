@@ -103,6 +103,7 @@ def timm_vit(name: str, sd: dict, **kw) -> torch.nn.Module:
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> float:
     diff = float((a - b).abs().max())
+    print(f"max abs diff {diff:.2e} (tolerance {tol:.0e})")  # the figures of the report (pytest -s)
     assert diff <= tol, f"max abs diff {diff:.2e} > {tol:.0e}"
     return diff
 
@@ -165,6 +166,9 @@ def test_leopart_features_through_the_cli(files, images, tmp_path, monkeypatch, 
            "--short-side", 64, "--max-side", 96, "--k", 3, *FAST))
     cfg = SegModel.load(model_file).config
     assert (cfg.backbone, cfg.feature_kind) == (LEOPART, "tokens")
+    ok(cli("cluster-dataset", images, "--out", model_file, "--weights", path, "--cache", tmp_path / "cache",
+           "--short-side", 64, "--max-side", 96, "--k", 3, "--feature", "keys", *FAST))
+    assert SegModel.load(model_file).config.feature_kind == "keys"  # the default is overridable
 
 
 @pytest.mark.parametrize("layout", ["stego-omegaconf", "stego-lightning-old"])
