@@ -13,7 +13,6 @@ Layouts (what the tensors mean), tried in this order on the content, never the f
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 import struct
 import zipfile
