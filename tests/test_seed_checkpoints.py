@@ -463,3 +463,27 @@ def test_architecture_from_file_and_unknown_shapes(tmp_path, images):
     bad.write_bytes(b"\x82\xa1a\xc1")  # a msgpack map header, then garbage
     r = ok(cli("segment", images, "--out", tmp_path / "m", "--weights", bad, "--cache", tmp_path / "c", *FAST), code=5)
     assert str(bad) in r.output
+
+
+def test_official_dinov3_layout_is_converted(tmp_path):
+    """Meta's own DINOv3 naming (storage_tokens, ls1/ls2.gamma, fused qkv.bias with a zero k part, bias_mask,
+    rope_embed.periods, mask_token) is read as the timm *_qkvb model, through timm's converter."""
+    name = "vit_small_patch16_dinov3_qkvb.lvd1689m"
+    from tests.checkpoints import random_state_dict
+
+    sd = random_state_dict(name, seed=5)
+    official = {}
+    for k, v in sd.items():
+        if k.endswith("attn.q_bias"):
+            official[k.replace("q_bias", "qkv.bias")] = torch.cat([v, torch.zeros_like(v), sd[k.replace("q_bias", "v_bias")]])
+            official[k.replace("q_bias", "qkv.bias_mask")] = torch.ones(3 * v.shape[0])
+        elif not k.endswith("attn.v_bias"):
+            official[k.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")] = v
+    official["rope_embed.periods"] = torch.rand(16)
+    official["mask_token"] = torch.zeros(1, 384)
+    path = tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
+    torch.save(official, path)
+    bb = load_backbone(weights=path, device="cpu")
+    assert bb.name == name and bb.system == "dinov3"
+    own = bb.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items())
