@@ -1,10 +1,11 @@
 """Stage 1 of the pipeline: the frozen DINO / DINOv2 ViT backbone (timm), its weights and its input.
 
 ``load_backbone()`` builds the timm model (``dynamic_img_size=True``, no classifier head, eval mode, no
-gradients) and fills it with either timm's pretrained weights (Hugging Face hub / torch hub cache; fails
-fast with a :class:`ModelError` when offline and not cached) or a local checkpoint file: official DINO
-``.pth`` (plain backbone or full training checkpoint), official DINOv2 ``.pth``, timm state dicts and
-``.safetensors``.  Pickle-based files are always read with ``torch.load(weights_only=True)``.
+gradients) and fills it with either timm's pretrained weights (Hugging Face cache, the official file in torch
+hub's checkpoint folder, else a download; fails fast with a :class:`ModelError` when offline and not cached) or
+a local checkpoint file of any layout :mod:`segcli.checkpoints` reads (DINO, DINOv2, DINOv3, timm,
+safetensors, Leopart, STEGO, LOCA), whose architecture is read from the file when no name is given.
+Checkpoints never execute code when read (see :mod:`segcli.checkpoints`).
 
 Feature extraction itself is in :mod:`segcli.features`; :class:`FeatureBatch` is re-exported here.
 """

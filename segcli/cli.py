@@ -170,7 +170,7 @@ def _config(options: dict) -> SegmentConfig:
         from segcli.checkpoints import open_checkpoint
         from segcli.errors import ModelError
 
-        ck = open_checkpoint(options["weights"])
+        ck = open_checkpoint(options["weights"], keep=True)  # load_backbone takes it from there
         if kw["backbone"] is None:
             if ck.arch is None:
                 raise ModelError(f"weights file {options['weights']}: its tensor shapes match no known ViT architecture: pass --backbone")

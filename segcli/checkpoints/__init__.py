@@ -116,9 +116,13 @@ def parse_checkpoint(raw: dict, label: str) -> Checkpoint:
 _LAST: dict = {}
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and recognise a checkpoint file.  The last file read is remembered (by path, size and mtime), so
-    the CLI can read the architecture first and build the model next without parsing the file twice."""
+def open_checkpoint(path: str | Path, keep: bool = False) -> Checkpoint:
+    """Read and recognise a checkpoint file.
+
+    ``keep=True`` remembers the result (one file, by path, size and mtime) for the next call, so the CLI can
+    read the architecture from a file and then build the model without parsing it twice; the next call takes
+    it out again, so no checkpoint outlives the model built from it.
+    """
     p = Path(path).expanduser()
     try:
         st = p.stat()
@@ -126,9 +130,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     except OSError:
         key = None
     if key is not None and _LAST.get("key") == key:
-        return _LAST["ck"]
-    ck = parse_checkpoint(read_checkpoint(p), f"weights file {p}")
+        ck = _LAST["ck"]
+        if not keep:
+            _LAST.clear()
+        return ck
     _LAST.clear()
-    if key is not None:
+    ck = parse_checkpoint(read_checkpoint(p), f"weights file {p}")
+    if keep and key is not None:
         _LAST.update(key=key, ck=ck)
     return ck
