@@ -487,3 +487,29 @@ def test_official_dinov3_layout_is_converted(tmp_path):
     assert bb.name == name and bb.system == "dinov3"
     own = bb.model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in sd.items())
+
+
+def test_restricted_unpickler_rebuilds_tensors_bit_identically(tmp_path):
+    """Every dtype, views sharing one storage, non-contiguous strides and offsets, next to Lightning objects."""
+    from tests.seed_checkpoints import _LIGHTNING, AttributeDict, ModelCheckpoint
+
+    from segcli.checkpoints.safe_pickle import load_zip_checkpoint
+
+    base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    tensors = {
+        "f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 3).bfloat16(),
+        "i64": torch.arange(7), "bool": torch.tensor([True, False, True]), "u8": torch.arange(9, dtype=torch.uint8),
+        "view_t": base.t(), "view_slice": base[2:5, 3:9:2], "base": base, "scalar": torch.tensor(3.5),
+        "param": torch.nn.Parameter(torch.randn(4)), "empty": torch.zeros(0, 3),
+    }
+    path = tmp_path / "mixed.ckpt"
+    with fake_modules(_LIGHTNING):
+        torch.save({"state_dict": tensors, "callbacks": {ModelCheckpoint: {"score": torch.tensor(0.5)}},
+                    "hyper_parameters": AttributeDict(lr=0.1, nested={"a": [1, 2, (3, 4)]})}, path)
+    got = load_zip_checkpoint(path)
+    for k, v in tensors.items():
+        g = got["state_dict"][k]
+        assert g.dtype == v.dtype and g.shape == v.shape and g.stride() == v.stride() and torch.equal(g, v.detach()), k
+    assert got["hyper_parameters"]["nested"] == {"a": [1, 2, (3, 4)]} and got["hyper_parameters"]["lr"] == 0.1
+    (cb,) = got["callbacks"].values()
+    assert float(cb["score"]) == 0.5
