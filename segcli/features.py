@@ -84,6 +84,33 @@ def capture_attention_input(model: torch.nn.Module) -> Iterator[dict]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def capture_qkv(model: torch.nn.Module) -> Iterator[dict]:
+    """While active, ``store['qkv']`` receives the last block's fused ``attn.qkv`` output (timm ``Attention``
+    only: it sees no RoPE and never fires for the DINOv3 ``*_qkvb`` models; :func:`compute_features` uses
+    :func:`capture_attention_input`)."""
+    store: dict = {}
+
+    def hook(_module, _inputs, output):
+        store["qkv"] = output
+
+    handle = model.blocks[-1].attn.qkv.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def split_qkv(attn_module: torch.nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused qkv projection (B, N, 3*H*d) -> q, k, v each (B, H, N, d), float32, q/k norms applied (no RoPE)."""
+    B, N, _ = qkv.shape
+    heads, head_dim = attn_module.num_heads, attn_module.head_dim
+    qkv = qkv.float().reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn_module.q_norm(q), attn_module.k_norm(k)
+    return q.float(), k.float(), v.float()
+
+
 def project_qkv(attn_module: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention input (B, N, C) -> q, k, v each (B, H, N, d), float32, exactly as the module computes
@@ -95,16 +122,14 @@ def project_qkv(attn_module: torch.nn.Module, x: torch.Tensor, rope: torch.Tenso
     if qkv_layer is not None:
         q_bias = getattr(attn_module, "q_bias", None)
         if q_bias is not None:
-            bias = torch.cat((q_bias, attn_module.k_bias, attn_module.v_bias))
-            qkv = F.linear(x, qkv_layer.weight, bias)
+            qkv = F.linear(x, qkv_layer.weight, torch.cat((q_bias, attn_module.k_bias, attn_module.v_bias)))
         else:
             qkv = qkv_layer(x)
-        qkv = qkv.float().reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = split_qkv(attn_module, qkv)
     else:
         q, k, v = (getattr(attn_module, n)(x).float().reshape(B, N, heads, head_dim).transpose(1, 2)
                    for n in ("q_proj", "k_proj", "v_proj"))
-    q, k = attn_module.q_norm(q).float(), attn_module.k_norm(k).float()
+        q, k = attn_module.q_norm(q).float(), attn_module.k_norm(k).float()
     if rope is not None:
         from timm.layers import apply_rot_embed_cat
 
