@@ -1,26 +1,28 @@
 """Stage 1 of the pipeline: the frozen DINO / DINOv2 ViT backbone (timm), its weights and its input.
 
 ``load_backbone()`` builds the timm model (``dynamic_img_size=True``, no classifier head, eval mode, no
-gradients) and fills it with either timm's pretrained weights (Hugging Face hub / torch hub cache; fails
-fast with a :class:`ModelError` when offline and not cached) or a local checkpoint file: official DINO
-``.pth`` (plain backbone or full training checkpoint), official DINOv2 ``.pth``, timm state dicts and
-``.safetensors``.  Pickle-based files are always read with ``torch.load(weights_only=True)``.
+gradients) and fills it with either timm's pretrained weights (Hugging Face cache, the official file in torch
+hub's checkpoint folder, else a download; fails fast with a :class:`ModelError` when offline and not cached) or
+a local checkpoint file of any layout :mod:`segcli.checkpoints` reads (DINO, DINOv2, DINOv3, timm,
+safetensors, Leopart, STEGO, LOCA), whose architecture is read from the file when no name is given.
+Checkpoints never execute code when read (see :mod:`segcli.checkpoints`).
 
 Feature extraction itself is in :mod:`segcli.features`; :class:`FeatureBatch` is re-exported here.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from segcli.checkpoints import Checkpoint, open_checkpoint, read_checkpoint
+from segcli.checkpoints.base import first_line as _first_line
+from segcli.checkpoints.vit import fit_state_dict, parse as parse_vit
 from segcli.compat import import_timm
 from segcli.errors import ModelError, UsageError
 from segcli.features import KINDS, FeatureBatch, compute_features, embed_crops, extract_features
@@ -61,7 +63,8 @@ _HUB_PROBE_TIMEOUT_S = 5.0
 def resolve_backbone_name(name: str) -> str:
     """Short alias or timm ViT name -> canonical timm name (``arch.tag`` when timm knows a default tag).
 
-    Any model of timm's ``vision_transformer`` module is accepted (e.g. ``vit_tiny_patch16_224`` for tests).
+    Any model of timm's ``vision_transformer`` module (e.g. ``vit_tiny_patch16_224`` for tests, the CLS-free
+    ``*_gap_*`` register models) or ``eva`` module (DINOv3 ``vit_*_patch16_dinov3*``, the RoPE ViTs) is accepted.
     """
     raw = (name or "").strip()
     alias = ALIASES.get(raw.lower())
@@ -70,7 +73,7 @@ def resolve_backbone_name(name: str) -> str:
     timm = import_timm()
     from timm.models import get_pretrained_cfg, is_model_in_modules
 
-    if raw and timm.is_model(raw) and is_model_in_modules(raw, "vision_transformer"):
+    if raw and timm.is_model(raw) and is_model_in_modules(raw, ("vision_transformer", "eva")):
         try:
             cfg = get_pretrained_cfg(raw)
         except RuntimeError:  # arch exists, tag does not
@@ -183,16 +186,27 @@ def resize_normalise(rgb: np.ndarray, height: int, width: int, mean, std) -> tor
 class Backbone:
     """A loaded, frozen ViT.  Build it with :func:`load_backbone`."""
 
-    def __init__(self, model: torch.nn.Module, name: str, device: torch.device, weights_id: str, precision: str = "fp32"):
+    def __init__(self, model: torch.nn.Module, name: str, device: torch.device, weights_id: str, precision: str = "fp32",
+                 system: str = "timm", head: torch.nn.Module | None = None, probe: torch.Tensor | None = None,
+                 weights_source: str = ""):
         self.model = model
         self.name = name
         self.device = device
         self.weights_id = weights_id
         self.precision = precision
+        # Where the weights came from (a file path or timm's hub id) and which system made them.
+        self.system = system
+        self.weights_source = weights_source
+        # The system's own feature head (STEGO's code projection) and unsupervised cluster probe, if any.
+        self.head = head
+        self.probe = probe
         ps = model.patch_embed.patch_size
         self.patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
         self.embed_dim = int(model.embed_dim)
         self.num_prefix_tokens = int(model.num_prefix_tokens)
+        # No CLS token (LOCA, *_gap_* register models, MAE/SAM-style encoders): the image descriptor is the mean
+        # of the patch tokens and CLS attention is replaced by a training-free saliency (segcli.features).
+        self.has_cls = getattr(model, "cls_token", None) is not None
         cfg = getattr(model, "pretrained_cfg", None) or {}
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -228,7 +242,8 @@ class Backbone:
         return extract_features(self, rgb, short_side=short_side, kind=kind, max_side=max_side)
 
     def embed_crops(self, crops: list[np.ndarray], size: int = 224, batch_size: int = 32) -> np.ndarray:
-        """(n, embed_dim) float32 L2-normalised CLS tokens of RGB uint8 crops resized to size x size."""
+        """(n, embed_dim) float32 L2-normalised CLS tokens (mean patch tokens without a CLS token) of RGB uint8
+        crops resized to size x size."""
         return embed_crops(self, crops, size=size, batch_size=batch_size)
 
     def fingerprint(self) -> str:
@@ -237,24 +252,6 @@ class Backbone:
 
 
 # ------------------------------------------------------------------------------------------- weights
-
-
-def _first_line(err: BaseException, limit: int = 160) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        if len(head) < 9:
-            return False
-        (n,) = struct.unpack("<Q", head[:8])
-        return head[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
-    except OSError:
-        return False
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -266,120 +263,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint file into a dict, safely: safetensors, or ``torch.load(weights_only=True)``.
-
-    Every failure is a one-line :class:`ModelError` naming the file.
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelError(f"weights file {p} not found: check the --weights path")
-    if p.is_dir():
-        raise ModelError(f"weights path {p} is a directory: pass the checkpoint file itself")
-    if p.suffix.lower() == ".safetensors" or _looks_like_safetensors(p):
-        try:
-            from safetensors.torch import load_file
-
-            return load_file(str(p), device="cpu")
-        except Exception as err:  # safetensors raises its own error types, OSError, ...
-            raise ModelError(f"weights file {p} is not a readable safetensors file ({_first_line(err)})") from None
-    try:
-        # Full DINO training checkpoints carry an argparse.Namespace of their arguments: plain data,
-        # so it is allow-listed; anything else that is not tensors/containers/primitives is refused.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as err:
-        text = str(err)
-        m = re.search(r"GLOBAL ([\w.]+)", text)
-        if "Weights only load failed" in text and m:
-            raise ModelError(
-                f"weights file {p} holds Python objects ({m.group(1)}) that segcli's safe loader "
-                "(weights_only=True) refuses: use a plain state-dict or .safetensors checkpoint"
-            ) from None
-        raise ModelError(f"weights file {p} is corrupt, truncated or not a PyTorch checkpoint ({_first_line(err)})") from None
-    if not isinstance(obj, dict):
-        raise ModelError(f"weights file {p} is not a state-dict checkpoint (it holds a {type(obj).__name__})")
-    return obj
-
-
-def _tensor_dict(obj: dict) -> dict[str, torch.Tensor]:
-    """Unwrap {'teacher'|'state_dict'|'model'|'module'|'student': ...} wrappers down to the tensors."""
-    for _ in range(4):
-        if any(isinstance(v, torch.Tensor) for v in obj.values()) and not any(
-            isinstance(obj.get(k), dict) for k in ("teacher", "state_dict", "model")
-        ):
-            break
-        for key in ("teacher", "state_dict", "model", "module", "student"):  # DINO releases the teacher
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner:
-                obj = inner
-                break
-        else:
-            break
-    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _strip_to_backbone(sd: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
-    """Find the ViT inside (by its patch embedding) and strip 'module.', 'backbone.', 'teacher.' etc."""
-    suffix = "patch_embed.proj.weight"
-    prefixes = sorted({k[: -len(suffix)] for k in sd if k.endswith(suffix)}, key=lambda s: ("teacher" not in s, len(s)))
-    if not prefixes:
-        raise ModelError(f"{label} is not a ViT checkpoint (no {suffix} among its {len(sd)} tensors)")
-    prefix = prefixes[0]
-    if prefix:
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    # classifier / DINO projection heads are not part of the backbone (the model has num_classes=0)
-    return {k: v for k, v in sd.items() if not re.match(r"(head|head_dist|pre_logits)\.", k)}
-
-
-def _fit_state_dict(raw: dict, model: torch.nn.Module, name: str, label: str) -> dict[str, torch.Tensor]:
-    """Any supported checkpoint layout -> a state dict that loads strictly into ``model``."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    sd = _strip_to_backbone(_tensor_dict(raw), label)
-    want_pe = model.patch_embed.proj.weight.shape
-    got_pe = sd["patch_embed.proj.weight"].shape
-    if len(got_pe) == 4 and tuple(got_pe[-2:]) != tuple(want_pe[-2:]):
-        raise ModelError(
-            f"{label} has patch size {got_pe[-1]} but {name} uses {want_pe[-1]}: "
-            f"choose the matching --backbone"
-        )
-    got_reg = next((int(sd[k].shape[1]) for k in ("register_tokens", "reg_token") if k in sd and sd[k].ndim == 3), 0)
-    want_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
-    if got_reg != want_reg:
-        raise ModelError(
-            f"{label} has {got_reg or 'no'} register tokens but {name} has {want_reg or 'none'}: "
-            f"choose the matching --backbone (dinov2-s14-reg for 4 registers, dinov2-s14 without)"
-        )
-    try:
-        sd = checkpoint_filter_fn(dict(sd), model)
-    except Exception as err:
-        raise ModelError(f"{label} cannot be converted for {name} ({_first_line(err)})") from None
-    sd = {k: v for k, v in sd.items() if not re.match(r"(head|head_dist)\.", k)}
-
-    want = model.state_dict()
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    bad_shape = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or bad_shape:
-        parts = []
-        if bad_shape:
-            k = bad_shape[0]
-            parts.append(f"{len(bad_shape)} shape mismatches, e.g. {k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}")
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
-        raise ModelError(f"{label} does not fit {name}: " + "; ".join(parts))
-    out = {}
-    for k, ref in want.items():
-        v = sd[k]
-        if v.is_floating_point() or ref.is_floating_point():
-            v = v.to(ref.dtype if ref.is_floating_point() else v.dtype)
-        out[k] = v.contiguous()
-    return out
 
 
 class _Captured(Exception):
@@ -415,13 +298,62 @@ def _timm_pretrained_state_dict(model: torch.nn.Module) -> dict:
     raise RuntimeError("timm returned no state dict")  # pragma: no cover - custom-load models
 
 
-def _fetch_pretrained(model: torch.nn.Module, name: str) -> tuple[dict, str]:
-    """timm's pretrained weights: local cache first (no network), then one download if the hub answers."""
+# Official file names under which torch.hub (and the official repos' own loaders) store these weights in
+# $TORCH_HOME/hub/checkpoints; globs where the name carries a hash.
+_HUB_FILES: dict[str, tuple[str, ...]] = {
+    "vit_small_patch16_224.dino": ("dino_deitsmall16_pretrain.pth",),
+    "vit_small_patch8_224.dino": ("dino_deitsmall8_pretrain.pth",),
+    "vit_base_patch16_224.dino": ("dino_vitbase16_pretrain.pth",),
+    "vit_base_patch8_224.dino": ("dino_vitbase8_pretrain.pth",),
+    **{f"vit_{size}_patch14_dinov2.lvd142m": (f"dinov2_vit{s}14_pretrain.pth",)
+       for size, s in (("small", "s"), ("base", "b"), ("large", "l"), ("giant", "g"))},
+    **{f"vit_{size}_patch14_reg4_dinov2.lvd142m": (f"dinov2_vit{s}14_reg4_pretrain.pth",)
+       for size, s in (("small", "s"), ("base", "b"), ("large", "l"), ("giant", "g"))},
+    **{f"vit_{size}_patch16_dinov3.lvd1689m": (f"dinov3_vit{s}_pretrain_lvd1689m*.pth",)
+       for size, s in (("small", "s16"), ("small_plus", "s16plus"), ("base", "b16"), ("large", "l16"),
+                       ("huge_plus", "h16plus"))},
+}
+
+
+def torch_hub_candidates(name: str, model: torch.nn.Module | None = None) -> list[Path]:
+    """Files already in torch hub's checkpoint folder ($TORCH_HOME/hub/checkpoints) that hold ``name``."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    patterns = list(_HUB_FILES.get(name, ()))
+    url = ((getattr(model, "pretrained_cfg", None) or {}).get("url") or "") if model is not None else ""
+    if url:
+        patterns.append(url.rstrip("/").rsplit("/", 1)[-1])
+    found: list[Path] = []
+    for pattern in patterns:
+        found += sorted(p for p in folder.glob(pattern) if p.is_file() and p not in found)
+    return found
+
+
+def _hf_cached_file(repo_id: str) -> str | None:
+    """The file of ``repo_id`` in the Hugging Face cache that timm reads, if present."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo_id, filename)
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def _fetch_pretrained(model: torch.nn.Module, name: str) -> tuple[Checkpoint, str, str]:
+    """timm's pretrained weights, as (checkpoint, weights id, where they came from).
+
+    Without network first: the Hugging Face cache (timm's own copy), then the official file in torch hub's
+    checkpoint folder; only then one download, if the hub answers at once.
+    """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     source = cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")
-    if not source:
+    local = torch_hub_candidates(name, model)
+    if not source and not local:
         raise ModelError(f"timm has no pretrained weights for {name}: pass --weights FILE")
     weights_id = f"timm-pretrained:{source}"
+    label = f"the timm pretrained checkpoint of {name}"
     offline_msg = f"cannot download pretrained weights for {name} (offline?). {_WEIGHTS_HINT}"
     hf_constants = None
     try:
@@ -429,33 +361,45 @@ def _fetch_pretrained(model: torch.nn.Module, name: str) -> tuple[dict, str]:
     except ImportError:  # pragma: no cover
         pass
     user_offline = bool(hf_constants and hf_constants.HF_HUB_OFFLINE)
-    # 1. the cache alone, with the hub switched to offline mode (no request, no retries)
-    if hf_constants is not None:
+    # 1. the Hugging Face cache alone, with the hub switched to offline mode (no request, no retries)
+    if hf_constants is not None and source:
         saved = hf_constants.HF_HUB_OFFLINE
         hf_constants.HF_HUB_OFFLINE = True
         try:
-            return _timm_pretrained_state_dict(model), weights_id
+            raw = _timm_pretrained_state_dict(model)
+            where = (_hf_cached_file(cfg["hf_hub_id"]) if cfg.get("hf_hub_id") else None) or source
+            return parse_vit(raw, label), weights_id, f"{where} (Hugging Face cache)"
         except Exception:
             pass
         finally:
             hf_constants.HF_HUB_OFFLINE = saved
+    # 2. the official checkpoint file a torch.hub.load() or an earlier tool left in $TORCH_HOME/hub/checkpoints
+    if local:
+        path = local[0]
+        return open_checkpoint(path), f"sha256:{sha256_file(path)}", f"{path} (torch hub checkpoints folder)"
     if user_offline:
         raise ModelError(f"pretrained weights for {name} are not in the cache and HF_HUB_OFFLINE is set. {_WEIGHTS_HINT}")
-    # 2. a cache miss: download, but only if the hub answers at once (huggingface_hub would retry ~45 s)
+    # 3. a cache miss: download, but only if the hub answers at once (huggingface_hub would retry ~45 s)
     if cfg.get("hf_hub_id") and not _hub_reachable():
         raise ModelError(offline_msg)
     try:
-        return _timm_pretrained_state_dict(model), weights_id
+        raw = _timm_pretrained_state_dict(model)
     except ModelError:
         raise
     except Exception as err:
         raise ModelError(f"cannot download pretrained weights for {name} ({_first_line(err, 100)}). {_WEIGHTS_HINT}") from None
+    return parse_vit(raw, label), weights_id, f"{source} (downloaded)"
 
 
-def _build_model(name: str) -> torch.nn.Module:
+# Keyword arguments of a layout's build that change the model's structure but not its size: they apply even
+# when --backbone names the architecture.
+_STRUCTURAL = ("class_token", "global_pool", "fc_norm", "act_layer", "norm_layer", "pretrained_cfg_overlay", "img_size")
+
+
+def _build_model(name: str, build: dict | None = None) -> torch.nn.Module:
     """The architecture without weights: on the meta device (no time spent on random init) when possible."""
     timm = import_timm()
-    kwargs = dict(pretrained=False, dynamic_img_size=True, num_classes=0)
+    kwargs = dict(pretrained=False, dynamic_img_size=True, num_classes=0, **(build or {}))
     try:
         return timm.create_model(name, device="meta", **kwargs)
     except Exception:
@@ -465,13 +409,52 @@ def _build_model(name: str) -> torch.nn.Module:
             raise ModelError(f"cannot build backbone {name} ({_first_line(err)})") from None
 
 
+def _materialise_buffers(model: torch.nn.Module) -> None:
+    """Non-persistent buffers (DINOv3's RoPE periods, zero k_bias) are in no checkpoint: after a meta-device
+    build, allocate them and let timm compute them."""
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if not left:
+        return
+    for name in left:
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        mod._buffers[attr] = torch.empty_like(mod._buffers[attr], device="cpu")
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    reinit_non_persistent_buffers(model)
+
+
+def _bilinear_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    """timm ``VisionTransformer._pos_embed`` with the position grid resized bilinearly (half-pixel centres,
+    antialiased only when shrinking), as ``jax.image.resize(..., 'bilinear')`` does in JAX-trained ViTs."""
+    import torch.nn.functional as F
+
+    B, H, W, C = x.shape
+    gh, gw = self.patch_embed.grid_size
+    npt = 0 if self.no_embed_class else self.num_prefix_tokens
+    prefix, grid = self.pos_embed[:, :npt], self.pos_embed[:, npt:]
+    if (H, W) != (gh, gw):
+        g = grid.reshape(1, gh, gw, C).permute(0, 3, 1, 2).float()
+        g = F.interpolate(g, size=(H, W), mode="bilinear", align_corners=False, antialias=H < gh or W < gw)
+        grid = g.permute(0, 2, 3, 1).reshape(1, H * W, C).to(self.pos_embed.dtype)
+    x = x.reshape(B, H * W, C)
+    to_cat = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+    if self.no_embed_class:
+        x = x + grid
+        return self.pos_drop(torch.cat(to_cat + [x], dim=1) if to_cat else x)
+    x = torch.cat(to_cat + [x], dim=1) if to_cat else x
+    return self.pos_drop(x + torch.cat([prefix, grid], dim=1))
+
+
 def _check_structure(model: torch.nn.Module, name: str) -> None:
     blocks = getattr(model, "blocks", None)
     attn = getattr(blocks[-1], "attn", None) if blocks is not None and len(blocks) else None
-    if getattr(model, "cls_token", None) is None:
-        raise ModelError(f"backbone {name} has no CLS token: use a DINO / DINOv2 ViT such as {DEFAULT_BACKBONE}")
-    if attn is None or not isinstance(getattr(attn, "qkv", None), torch.nn.Linear) or not hasattr(attn, "head_dim"):
-        raise ModelError(f"backbone {name} has no fused qkv attention in its last block: use a DINO / DINOv2 ViT such as {DEFAULT_BACKBONE}")
+    projections = attn is not None and (
+        isinstance(getattr(attn, "qkv", None), torch.nn.Linear)
+        or all(isinstance(getattr(attn, n, None), torch.nn.Linear) for n in ("q_proj", "k_proj", "v_proj"))
+    )
+    if not projections or not hasattr(attn, "head_dim") or not hasattr(attn, "num_heads"):
+        raise ModelError(f"backbone {name} has no q/k/v attention in its last block: use a DINO / DINOv2 / DINOv3 ViT such as {DEFAULT_BACKBONE}")
 
 
 def _check_finite(state_dict: dict[str, torch.Tensor], label: str) -> None:
@@ -483,38 +466,61 @@ def _check_finite(state_dict: dict[str, torch.Tensor], label: str) -> None:
 
 
 def load_backbone(
-    name: str = DEFAULT_BACKBONE,
+    name: str | None = None,
     weights: str | Path | None = None,
     device: str = "auto",
     precision: str = "fp32",
 ) -> Backbone:
-    """Build a frozen backbone.  ``weights=None``: timm's pretrained weights (cache, else download)."""
-    timm_name = resolve_backbone_name(name)
+    """Build a frozen backbone.
+
+    ``weights=None``: timm's pretrained weights for ``name`` (default :data:`DEFAULT_BACKBONE`; cache, then
+    torch hub's checkpoint folder, else download).  With a ``weights`` file and ``name=None`` the architecture
+    (and the system: DINO, DINOv2, DINOv3, Leopart, STEGO, LOCA) is read from the file.
+    """
     dev = select_device(device)
     prec = _check_precision(precision, dev)
-    model = _build_model(timm_name)
-    _check_structure(model, timm_name)
-    if weights is None:
-        raw, weights_id = _fetch_pretrained(model, timm_name)
-        label = f"the timm pretrained checkpoint of {timm_name}"
-    else:
+    ck: Checkpoint | None = None
+    if weights is not None:
         path = Path(weights).expanduser()
-        raw = read_checkpoint(path)
+        ck = open_checkpoint(path)
         label = f"weights file {path}"
-        weights_id = None  # hashed below, only once the file is known to fit
-    sd = _fit_state_dict(raw, model, timm_name, label)
-    del raw
+        if name is None or name == ck.arch:  # the architecture the file itself names
+            if ck.arch is None:
+                raise ModelError(f"{label}: its tensor shapes match no known ViT architecture: pass --backbone")
+            timm_name = ck.arch
+        else:
+            timm_name = resolve_backbone_name(name)
+        build = ck.build if timm_name == ck.arch else {k: v for k, v in ck.build.items() if k in _STRUCTURAL}
+    else:
+        timm_name = resolve_backbone_name(name or DEFAULT_BACKBONE)
+        label, build = f"the timm pretrained checkpoint of {timm_name}", {}
+    model = _build_model(timm_name, build)
+    _check_structure(model, timm_name)
+    source = ""
+    if ck is None:
+        ck, weights_id, source = _fetch_pretrained(model, timm_name)
+    else:
+        weights_id, source = None, str(Path(weights).expanduser())  # hashed below, once the file is known to fit
+    sd = fit_state_dict(ck.state_dict, model, timm_name, label)
     _check_finite(sd, label)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as err:  # pragma: no cover - _fit_state_dict already checked keys and shapes
+    except RuntimeError as err:  # pragma: no cover - fit_state_dict already checked keys and shapes
         raise ModelError(f"{label} does not fit {timm_name} ({_first_line(err)})") from None
+    del sd
+    _materialise_buffers(model)
     left = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:  # pragma: no cover - a timm model with non-persistent buffers
+    if left:  # pragma: no cover - a timm model with a buffer timm cannot recompute
         raise ModelError(f"backbone {timm_name} is not supported: {left[0]} is not in any checkpoint")
+    if ck.pos_interp == "bilinear" and hasattr(model, "_pos_embed") and getattr(model, "pos_embed", None) is not None:
+        import types
+
+        model._pos_embed = types.MethodType(_bilinear_pos_embed, model)
     if weights_id is None:
         weights_id = f"sha256:{sha256_file(Path(weights).expanduser())}"
     model.eval()
     model.requires_grad_(False)
     model.to(dev)
-    return Backbone(model, timm_name, dev, weights_id, prec)
+    head = ck.head.to(dev).eval() if ck.head is not None else None
+    return Backbone(model, timm_name, dev, weights_id, prec, system=ck.system, head=head, probe=ck.probe,
+                    weights_source=source)

@@ -95,13 +95,13 @@ def _main(
 
 # ---------------------------------------------------------------- options shared by segment and cluster-dataset
 Backbone = Annotated[Optional[str], typer.Option("--backbone", "-b", help=f"timm model name or alias (dino-s16, dino-s8, dino-b16, dino-b8, dinov2-s14, dinov2-s14-reg). Default {DEFAULT_BACKBONE}.", rich_help_panel="Backbone")]
-Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint (official DINO .pth, timm state dict or .safetensors); default: timm's pretrained download.", rich_help_panel="Backbone")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint: DINO/DINOv2/DINOv3 .pth, timm state dict, .safetensors, Leopart .ckpt, STEGO .ckpt or LOCA (flax msgpack); recognised by content, its architecture is read from the file when --backbone is not given (see weights/README.md). Default: timm's pretrained weights (HF cache, torch hub checkpoints folder, else download).", rich_help_panel="Backbone")]
 Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|mps", rich_help_panel="Backbone")]
 Precision = Annotated[str, typer.Option("--precision", help="fp32|bf16|fp16 backbone arithmetic (bf16/fp16: autocast on GPU).", rich_help_panel="Backbone")]
 ShortSide = Annotated[int, typer.Option("--short-side", help="Backbone input short side (aspect kept, multiple of the patch).", rich_help_panel="Backbone")]
 MaxSide = Annotated[int, typer.Option("--max-side", help="Cap on the backbone input long side.", rich_help_panel="Backbone")]
 WorkMaxSide = Annotated[int, typer.Option("--work-max-side", help="Larger images are processed at this long side and their mask upsampled to full size.", rich_help_panel="Backbone")]
-FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features: keys|queries|values|tokens.", rich_help_panel="Backbone")]
+FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features: keys|queries|values|tokens|code (STEGO's code). Default: keys; tokens for Leopart and LOCA checkpoints, code for STEGO ones.", rich_help_panel="Backbone")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (same-size images are batched).", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
@@ -111,7 +111,7 @@ Prior = Annotated[str, typer.Option("--prior", help="Foreground prior: levels (t
 ProposalHeads = Annotated[int, typer.Option("--proposal-heads", help="Heads whose CLS row the MaskDistill proposal averages (the first N; 0 = all). 5 = MaskDistill's ViT-S/16 setting.", rich_help_panel="Method")]
 Crf = Annotated[bool, typer.Option("--crf/--no-crf", help="Dense-CRF refinement of the foreground.", rich_help_panel="Method")]
 CrfMaxSide = Annotated[int, typer.Option("--crf-max-side", help="Run the CRF at this long side (kernels scaled), then upsample; 0 = full size.", rich_help_panel="Method")]
-Assign = Annotated[str, typer.Option("--assign", help="Class assignment: cls (CLS tokens of region crops) | pooled (mean patch feature of each region) | parts (community detection over parts).", rich_help_panel="Method")]
+Assign = Annotated[str, typer.Option("--assign", help="Class assignment: cls (CLS tokens of region crops) | pooled (mean patch feature of each region) | parts (community detection over parts) | probe (STEGO's own cluster probe labels each patch; needs a STEGO checkpoint and --feature code).", rich_help_panel="Method")]
 ClassMethod = Annotated[str, typer.Option("--class-method", help="kmeans|spectral clustering of region embeddings.", rich_help_panel="Method")]
 Parts = Annotated[int, typer.Option("--parts", help="Number of parts to over-cluster into with --assign parts.", rich_help_panel="Method")]
 Regions = Annotated[str, typer.Option("--regions", help="components (one region per connected component) | whole (the whole foreground).", rich_help_panel="Method")]
@@ -131,7 +131,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", 
 _SHARED_OPTIONS = [
     ("overlay", Overlay, None), ("k", K, 21), ("backbone", Backbone, None), ("weights", Weights, None),
     ("device", Device, "auto"), ("precision", Precision, "fp32"), ("short_side", ShortSide, 448),
-    ("max_side", MaxSide, 1344), ("work_max_side", WorkMaxSide, 2048), ("feature", FeatureKind, "keys"),
+    ("max_side", MaxSide, 1344), ("work_max_side", WorkMaxSide, 2048), ("feature", FeatureKind, None),
     ("batch_size", BatchSize, 8), ("threads", Threads, None), ("categories", Categories, None),
     ("fusion", Fusion, "majority"), ("crf", Crf, True), ("crf_max_side", CrfMaxSide, 160), ("assign", Assign, "cls"),
     ("class_method", ClassMethod, "kmeans"), ("parts", Parts, 100), ("regions", Regions, "components"),
@@ -166,7 +166,21 @@ def _config(options: dict) -> SegmentConfig:
     from segcli.backbone import resolve_backbone_name
 
     kw = {field: options[name] for name, field in _CONFIG_OPTIONS.items()}
-    kw["backbone"] = resolve_backbone_name(kw["backbone"] or DEFAULT_BACKBONE)
+    from_file = False
+    if options.get("weights") is not None and options.get("features") is None and (kw["backbone"] is None or kw["feature_kind"] is None):
+        # The file says what it is: its architecture and its system's own default feature.
+        from segcli.checkpoints import open_checkpoint
+        from segcli.errors import ModelError
+
+        ck = open_checkpoint(options["weights"], keep=True)  # load_backbone takes it from there
+        if kw["backbone"] is None:
+            if ck.arch is None:
+                raise ModelError(f"weights file {options['weights']}: its tensor shapes match no known ViT architecture: pass --backbone")
+            kw["backbone"], from_file = ck.arch, True
+        kw["feature_kind"] = kw["feature_kind"] or ck.feature
+    if not from_file:
+        kw["backbone"] = resolve_backbone_name(kw["backbone"] or DEFAULT_BACKBONE)
+    kw["feature_kind"] = kw["feature_kind"] or "keys"
     return SegmentConfig(**kw)
 
 

@@ -15,9 +15,9 @@ from typing import Any
 from segcli.errors import UsageError
 
 DEFAULT_BACKBONE = "vit_small_patch16_224.dino"
-FEATURE_KINDS = ("keys", "queries", "values", "tokens")
+FEATURE_KINDS = ("keys", "queries", "values", "tokens", "code")
 FUSION_RULES = ("majority", "all", "any")
-ASSIGN_METHODS = ("cls", "pooled", "parts")
+ASSIGN_METHODS = ("cls", "pooled", "parts", "probe")
 CLASS_METHODS = ("kmeans", "spectral")
 REGION_MODES = ("components", "whole")
 # Foreground prior: the three clustering levels, MaskDistill's object proposal alone, or both (4 votes).

@@ -104,6 +104,14 @@ class Segmenter:
         self.source = source or FeatureSource(self.config, timings=self.timings, warn=self.reporter.warn, **source_kwargs)
         if self.config.assign == "cls" and not self.source.has_backbone:
             raise UsageError("--assign cls embeds region crops with the backbone; with --features use --assign pooled or parts")
+        if self.config.assign == "probe" and model is None:
+            probe = getattr(self.source.backbone, "probe", None)
+            if probe is None or self.config.feature_kind != "code":
+                raise UsageError("--assign probe labels patches with STEGO's cluster probe: it needs a STEGO checkpoint "
+                                 "(--weights) and --feature code")
+        bb = self.source.backbone
+        if bb is not None and getattr(bb, "weights_source", ""):
+            self.reporter.note(f"backbone {bb.name} ({bb.system}) with weights from {bb.weights_source}")
         self.skipped: dict[str, str] = {}
         self.model_: SegModel | None = None
         if model is not None:
@@ -180,6 +188,8 @@ class Segmenter:
         self.model_ = model
         if cfg.assign == "parts":
             self._fit_parts(used)
+        elif cfg.assign == "probe":
+            self._fit_probe()
         else:
             self._fit_classes(used)
         return self
@@ -255,6 +265,18 @@ class Segmenter:
             communities = merge_parts(adjacency, cfg.k - 1, seed=cfg.seed, part_sizes=sizes, centroids=centroids)
         self.model_.part_centroids = centroids.astype(np.float32)
         self.model_.part_classes = communities.astype(np.int64) + 1
+
+    def _fit_probe(self) -> None:
+        """STEGO's own cluster probe as the class model: each foreground patch takes the class of its nearest
+        (cosine) probe centroid in code space; classes are 1..K for the probe's K centroids."""
+        import torch
+
+        probe = torch.nn.functional.normalize(self.source.backbone.probe.float(), dim=1).cpu().numpy()
+        if probe.shape[0] + 1 != self.config.k:
+            self.reporter.note(f"STEGO's cluster probe has {probe.shape[0]} clusters: labels are 1..{probe.shape[0]} "
+                               f"(--k {self.config.k} only sets the default number of image categories)")
+        self.model_.part_centroids = probe.astype(np.float32)
+        self.model_.part_classes = np.arange(1, probe.shape[0] + 1, dtype=np.int64)
 
     @staticmethod
     def _part_grid(f: ImageFeatures, fg_grid: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -386,7 +408,7 @@ class Segmenter:
         n = int(bundle["n"])
         if n == 0:
             return np.zeros(regions.shape, np.uint8)
-        if self.config.assign == "parts":
+        if self.config.assign in ("parts", "probe"):
             if len(m.part_centroids) == 0:
                 return np.zeros(regions.shape, np.uint8)
             from scipy import ndimage
@@ -432,7 +454,7 @@ class Segmenter:
                 summary.reused += 1
             else:
                 todo.append(item)
-        for item, f, bundle in self._results(todo, "masks", need_features=self.config.assign == "parts"):
+        for item, f, bundle in self._results(todo, "masks", need_features=self.config.assign in ("parts", "probe")):
             with self.timings("clustering"):
                 labels = self.labels(f, bundle)
             size = tuple(int(v) for v in bundle["original_size"])

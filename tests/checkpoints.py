@@ -52,7 +52,7 @@ def _random_state_dict(name: str, seed: int) -> dict[str, torch.Tensor]:
     for k, t in model.state_dict().items():
         shape = tuple(t.shape)
         x = torch.randn(shape, generator=g)
-        if k.endswith("gamma"):  # LayerScale
+        if k.rsplit(".", 1)[-1].startswith("gamma"):  # LayerScale (DINOv2 ls1.gamma, Eva/DINOv3 gamma_1)
             x = 0.1 + 0.05 * x
         elif t.ndim == 1 and "norm" in k and k.endswith("weight"):
             x = 1.0 + 0.1 * x

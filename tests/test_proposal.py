@@ -247,15 +247,18 @@ def test_seed_component_is_4_connected():
 
 # ------------------------------------------------------------------ extraction
 def test_compute_features_stores_the_proposal_of_the_last_block():
-    from segcli.features import capture_qkv, compute_features, split_qkv
+    from segcli.features import compute_features, split_qkv
     from tests.checkpoints import random_backbone
 
     bb = random_backbone()
     x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
     fb = compute_features(bb, x)
     assert fb.proposal is not None and fb.proposal.shape == (2, 4, 5) and fb.proposal.dtype == torch.bool
-    with torch.inference_mode(), capture_qkv(bb.model) as store:
+    store = {}  # an independent capture: the fused qkv projection's output, seen by a forward hook
+    handle = bb.model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, out: store.__setitem__("qkv", out))
+    with torch.inference_mode():
         bb.model.forward_features(x)
+    handle.remove()
     q, k, _ = split_qkv(bb.model.blocks[-1].attn, store["qkv"])
     for i in range(2):
         np.testing.assert_array_equal(fb.proposal[i].numpy(), object_proposal(q[i], k[i], (4, 5)))
