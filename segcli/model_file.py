@@ -20,7 +20,9 @@ from segcli.foreground import LevelModel
 from segcli.outputs import atomic_write
 
 FORMAT = "segcli-model"
-FORMAT_VERSION = 1
+# 2: stuff classes (--stuff N >= 2). Files without stuff are still written as version 1, so an older segcli
+# keeps reading them, and refuses ("upgrade segcli") the files it could not label correctly.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -34,6 +36,7 @@ class SegModel:
     class_centroids: np.ndarray  # (n_classes, De) float32; row i is class id i + 1
     part_centroids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     part_classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # (P,) class id 1.. per part
+    stuff_centroids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (N, D); row i = stuff id i
     version: str = __version__
 
     def tensors(self) -> dict[str, np.ndarray]:
@@ -46,12 +49,13 @@ class SegModel:
             "class_centroids": self.class_centroids.astype(np.float32),
             "part_centroids": self.part_centroids.astype(np.float32),
             "part_classes": self.part_classes.astype(np.int64),
+            "stuff_centroids": self.stuff_centroids.astype(np.float32),
         }
 
     def metadata(self) -> dict[str, str]:
         return {
             "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(FORMAT_VERSION if self.config.n_stuff else 1),
             "segcli_version": self.version,
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "weights_id": self.weights_id,
@@ -107,6 +111,10 @@ class SegModel:
         try:
             config = SegmentConfig.from_dict(json.loads(meta["config"]))
             cat_c, cat_f = arrays["category_level_centroids"], arrays["category_level_foreground"].astype(bool)
+            stuff = arrays.get("stuff_centroids", np.zeros((0, 0), np.float32))
+            if config.n_stuff and (stuff.ndim != 2 or len(stuff) not in (0, config.n_stuff)
+                                   or (len(stuff) and stuff.shape[1] != int(meta["feature_dim"]))):
+                raise ValueError(f"stuff centroids of shape {stuff.shape} for --stuff {config.stuff}")
             return cls(
                 config=config,
                 weights_id=meta["weights_id"],
@@ -117,6 +125,7 @@ class SegModel:
                 class_centroids=arrays["class_centroids"],
                 part_centroids=arrays["part_centroids"],
                 part_classes=arrays["part_classes"],
+                stuff_centroids=stuff,
                 version=meta.get("segcli_version", "?"),
             )
         except (KeyError, ValueError, TypeError) as exc:
