@@ -98,6 +98,17 @@ class SegmentConfig:
         """Thing (object) classes: k - 1 without stuff, k - N with --stuff N (--k counts every class)."""
         return self.k - self.thing_offset
 
+    def level_clusters(self, level: str) -> int:
+        """k-means clusters of a foreground level ("dataset", "category" or "image").
+
+        Without stuff, the level's own k (2: foreground and background). With stuff classes the background
+        holds at least N classes of its own, so a two-way split separates stuff from stuff rather than
+        objects from background: every level then over-clusters into at least k clusters (one per class)
+        and labels each cluster by attention (foreground when its mean attention is above the average).
+        """
+        own = getattr(self, f"{level}_k")
+        return max(own, self.k) if self.n_stuff else own
+
     @property
     def n_categories(self) -> int:
         # The category level groups images by the objects they show, so by default one group per thing class.

@@ -142,7 +142,7 @@ class Segmenter:
         with self.timings("clustering"):
             feats = np.concatenate(s_feats).astype(np.float32)
             attn, border, img = np.concatenate(s_attn), np.concatenate(s_border), np.concatenate(s_img)
-            dataset = fit_level(feats, attn, border, cfg.dataset_k, cfg.seed, cfg.max_samples)
+            dataset = fit_level(feats, attn, border, cfg.level_clusters("dataset"), cfg.seed, cfg.max_samples)
             cls = np.stack(cls_tokens).astype(np.float32)
             cls /= np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
             n_cat = min(cfg.n_categories, len(used))
@@ -151,10 +151,10 @@ class Segmenter:
             levels = []
             for c in range(n_cat):
                 sel = np.isin(img, np.flatnonzero(cat_of_image == c))
-                if sel.sum() >= max(MIN_CATEGORY_SAMPLES, 10 * cfg.category_k):
-                    levels.append(fit_level(feats[sel], attn[sel], border[sel], cfg.category_k, cfg.seed + 1 + c, cfg.max_samples))
+                if sel.sum() >= max(MIN_CATEGORY_SAMPLES, 10 * cfg.level_clusters("category")):
+                    levels.append(fit_level(feats[sel], attn[sel], border[sel], cfg.level_clusters("category"), cfg.seed + 1 + c, cfg.max_samples))
                 else:
-                    levels.append(_pad_level(dataset, cfg.category_k))
+                    levels.append(_pad_level(dataset, cfg.level_clusters("category")))
         del feats, attn, border, img, s_feats
         model = SegModel(
             config=cfg, weights_id=self.source.identity, feature_dim=int(dataset.centroids.shape[1]),
@@ -257,6 +257,8 @@ class Segmenter:
             h.update(np.ascontiguousarray(lv.foreground).tobytes())
         fields = REGION_FIELDS + ("assign", "crop_size", "crop_margin")
         h.update(self.config.digest(*fields).encode())
+        if self.config.n_stuff:  # stuff changes the image level's k (keys without stuff stay as they were)
+            h.update(f"image clusters {self.config.level_clusters('image')}".encode())
         h.update(self.source.identity.encode())
         return h.hexdigest()[:20]
 
@@ -317,7 +319,7 @@ class Segmenter:
         cls /= max(float(np.linalg.norm(cls)), 1e-12)
         cat = int(assign_nearest(cls, m.category_centroids)[0])
         m_c = m.categories[cat].mask(flat).reshape(h, w)
-        m_i = image_level_mask(f.feats, f.attn, cfg.image_k, cfg.seed)
+        m_i = image_level_mask(f.feats, f.attn, cfg.level_clusters("image"), cfg.seed)
         return fuse([m_d, m_c, m_i], cfg.fusion)
 
     def _compute_regions(self, item: ImageItem, f: ImageFeatures) -> dict[str, np.ndarray]:
