@@ -20,11 +20,13 @@ from segcli.cache import ImageFeatures, load_array_bundle, save_array_bundle
 from segcli.config import REGION_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, UsageError
 from segcli.features_source import FeatureSource
-from segcli.foreground import LevelModel, border_grid, fit_level, fuse, image_level_mask, normalised_attention
+from segcli.foreground import (
+    LevelModel, border_grid, fit_level, fuse, image_level_clusters, image_level_mask, normalised_attention,
+)
 from segcli.images import ImageItem, load_image
 from segcli.kmeans import KMeans, assign_nearest, cluster_embeddings
 from segcli.model_file import SegModel
-from segcli.regions import find_regions, pooled_embeddings, region_crops, regions_on_grid
+from segcli.regions import find_regions, pooled_embeddings, region_crops, regions_on_grid, split_regions
 from segcli.stuff import fit_stuff, refine_stuff, stuff_probabilities
 from segcli.report import Reporter, Timings
 
@@ -339,6 +341,11 @@ class Segmenter:
                 fg = prob > 0.5
         with self.timings("regions"):
             regions, n = find_regions(fg, cfg.regions, cfg.min_region_frac, cfg.min_region_px)
+            if cfg.n_stuff and cfg.regions == "components" and n:
+                # Scenes: touching objects of different kinds are split along the image level's clusters
+                # (the same k-means as M_I: same input, k and seed).
+                clusters, _ = image_level_clusters(f.feats, f.attn, cfg.level_clusters("image"), cfg.seed)
+                regions, n = split_regions(regions, clusters, min(cfg.min_region_frac * fg.size, float(cfg.min_region_px)))
             fg_grid = regions_on_grid(regions, f.grid) > 0
         if cfg.assign == "cls" and n:
             emb = self.source.embed_crops(region_crops(rgb, regions, n, cfg.crop_margin))

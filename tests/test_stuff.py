@@ -223,3 +223,21 @@ def test_multilabel_crf_rejects_bad_shapes():
     with pytest.raises(ValueError, match="probs"):
         refine_labels(rgb[:10], probs)
     assert not refine_labels(rgb, probs[:1]).any()
+
+
+def test_split_regions_separates_touching_objects_of_different_clusters():
+    from segcli.regions import split_regions
+
+    regions = np.zeros((40, 60), np.int64)
+    regions[10:30, 5:45] = 1  # a "car" (x < 20) touching a "cyclist" (x >= 20): one component
+    regions[2:6, 50:58] = 2  # a small separate object
+    clusters = np.zeros((4, 6), np.int64)  # 10x10-px patches
+    clusters[:, 2:] = 1
+    clusters[1, 1] = 2  # a speck of a third cluster: too small to be a region, joins its neighbour
+    out, n = split_regions(regions, clusters, min_area=150)
+    assert n == 3
+    assert len(np.unique(out[20:30, 5:20])) == 1 and len(np.unique(out[10:30, 20:45])) == 1
+    assert out[25, 10] != out[25, 30]
+    assert set(np.unique(out[10:20, 10:20])) <= {out[25, 10], out[25, 30]}  # the speck joined a neighbour
+    assert ((out > 0) == (regions > 0)).all()
+    assert len(np.unique(out[2:6, 50:58])) == 1  # smaller than min_area but kept whole: nothing to split
