@@ -105,7 +105,8 @@ FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (same-size images are batched).", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
-Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default k-1).", rich_help_panel="Method")]
+Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default: the number of thing classes, k-1, or k-N with --stuff N).", rich_help_panel="Method")]
+Stuff = Annotated[int, typer.Option("--stuff", help="Label the background with N stuff classes: ids 0..N-1 stuff, N..k-1 things (--k counts both); 0 = one background class. Presets: README.", rich_help_panel="Method")]
 Fusion = Annotated[str, typer.Option("--fusion", help="Foreground where majority (2 of 3) | all | any of the levels agree.", rich_help_panel="Method")]
 Prior = Annotated[str, typer.Option("--prior", help="Foreground prior: levels (the three clustering levels) | maskdistill (MaskDistill's object proposal alone) | vote (the proposal as a fourth vote; a 2-2 majority tie goes its way).", rich_help_panel="Method")]
 ProposalHeads = Annotated[int, typer.Option("--proposal-heads", help="Heads whose CLS row the MaskDistill proposal averages (the first N; 0 = all). 5 = MaskDistill's ViT-S/16 setting.", rich_help_panel="Method")]
@@ -138,6 +139,7 @@ _SHARED_OPTIONS = [
     ("min_region", MinRegion, 0.01), ("min_region_px", MinRegionPx, 400), ("max_samples", MaxSamples, 100_000),
     ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
     ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
+    ("stuff", Stuff, 0),
 ]
 
 
@@ -158,6 +160,7 @@ _CONFIG_OPTIONS = {
     "crf_max_side": "crf_max_side", "regions": "regions", "min_region": "min_region_frac",
     "min_region_px": "min_region_px", "assign": "assign", "class_method": "class_method", "parts": "n_parts",
     "max_samples": "max_samples", "seed": "seed", "prior": "prior", "proposal_heads": "proposal_heads",
+    "stuff": "stuff",
 }
 
 
@@ -251,7 +254,7 @@ def segment(
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Fitted model from cluster-dataset; without it segment fits on its own input first.", rich_help_panel="Method")] = None,
     **opts,
 ) -> None:
-    """Write one label PNG per image: 0 = background, 1..k-1 = classes."""
+    """Write one label PNG per image: 0 = background, 1..k-1 = classes (with --stuff N: 0..N-1 stuff, N..k-1 things)."""
     from segcli.images import discover_images
     from segcli.model_file import SegModel
     from segcli.outputs import prepare_output_dir

@@ -40,8 +40,10 @@ class SegmentConfig:
     work_max_side: int = 2048
     # Classes (background included) and the three clustering levels (DESIGN 2.3-2.6).
     k: int = 21
+    # Stuff classes (--stuff N): ids 0..N-1 label the background's stuff, N..k-1 the things; 0 = one background.
+    stuff: int = 0
     dataset_k: int = 2
-    categories: int | None = None  # None: k - 1
+    categories: int | None = None  # None: the number of thing classes (k - 1 without stuff)
     category_k: int = 2
     image_k: int = 2
     fusion: str = "majority"
@@ -76,6 +78,7 @@ class SegmentConfig:
         need(self.k >= 2, f"--k must be at least 2 (background + one class), got {self.k}")
         need(self.k <= MAX_K, f"--k must be at most {MAX_K}: label PNGs hold ids 0..255, got {self.k}")
         need(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        need(0 <= self.stuff < self.k, f"--stuff must be between 0 and k - 1 = {self.k - 1} (at least one thing class), got {self.stuff}")
         need(self.feature_kind in FEATURE_KINDS, f"unknown feature kind {self.feature_kind!r}; use one of {', '.join(FEATURE_KINDS)}")
         need(self.fusion in FUSION_RULES, f"unknown fusion rule {self.fusion!r}; use one of {', '.join(FUSION_RULES)}")
         need(self.assign in ASSIGN_METHODS, f"unknown --assign {self.assign!r}; use one of {', '.join(ASSIGN_METHODS)}")
@@ -98,8 +101,35 @@ class SegmentConfig:
         need(self.crf_max_side == 0 or self.crf_max_side >= 16, "--crf-max-side must be 0 (full size) or at least 16")
 
     @property
+    def n_stuff(self) -> int:
+        """Stuff classes with centroids of their own: --stuff 1 is the single background of --stuff 0."""
+        return self.stuff if self.stuff >= 2 else 0
+
+    @property
+    def thing_offset(self) -> int:
+        """Class id of the first thing class: 1 (after the background) or N (after the N stuff classes)."""
+        return max(self.stuff, 1)
+
+    @property
+    def n_things(self) -> int:
+        """Thing (object) classes: k - 1 without stuff, k - N with --stuff N (--k counts every class)."""
+        return self.k - self.thing_offset
+
+    def level_clusters(self, level: str) -> int:
+        """k-means clusters of a foreground level ("dataset", "category" or "image").
+
+        Without stuff, the level's own k (2: foreground and background). With stuff classes the background
+        holds at least N classes of its own, so a two-way split separates stuff from stuff rather than
+        objects from background: every level then over-clusters into at least k clusters (one per class)
+        and labels each cluster by attention (foreground when its mean attention is above the average).
+        """
+        own = getattr(self, f"{level}_k")
+        return max(own, self.k) if self.n_stuff else own
+
+    @property
     def n_categories(self) -> int:
-        return self.categories if self.categories is not None else self.k - 1
+        # The category level groups images by the objects they show, so by default one group per thing class.
+        return self.categories if self.categories is not None else self.n_things
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -90,13 +90,21 @@ def fit_level(feats: np.ndarray, attn: np.ndarray, border: np.ndarray, k: int, s
 
 def image_level_mask(feats: np.ndarray, attn: np.ndarray, k: int, seed: int) -> np.ndarray:
     """M_I: k-means on one image's own patches; (h, w) bool."""
+    return image_level_clusters(feats, attn, k, seed)[1]
+
+
+def image_level_clusters(feats: np.ndarray, attn: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster id, M_I) of each patch of one image, both (h, w): k-means on its own patches.
+
+    With fewer patches than k the mask is "attention at or above the median" and every patch is cluster 0.
+    """
     h, w, d = feats.shape
     flat = np.asarray(feats, dtype=np.float32).reshape(-1, d)
     if flat.shape[0] < k:
-        return np.asarray(attn) >= np.median(attn)
+        return np.zeros((h, w), np.int64), np.asarray(attn) >= np.median(attn)
     labels = KMeans(k, seed=seed, n_init=1).fit_predict(flat)
     fg = label_clusters(labels, k, normalised_attention(attn), border_grid(h, w))
-    return fg[labels].reshape(h, w)
+    return labels.reshape(h, w), fg[labels].reshape(h, w)
 
 
 # Steepness of the vote-to-probability map: half a (unit) vote from the threshold gives p = 0.25 / 0.75, so

@@ -23,7 +23,8 @@ from segcli.outputs import atomic_write
 FORMAT = "segcli-model"
 # The newest format this segcli reads. A file records the oldest reader that can use it: 1 for
 # --prior levels (readable by every segcli), 2 for --prior maskdistill/vote (older readers would ignore the
-# prior and silently fall back to the three levels, so they must refuse the file instead).
+# prior and silently fall back to the three levels, so they must refuse the file instead); 2 also for stuff
+# classes (--stuff N >= 2), which an older segcli could not label correctly.
 FORMAT_VERSION = 2
 
 
@@ -32,20 +33,22 @@ def expected_arrays(config: SegmentConfig, feature_dim: int) -> tuple[dict[str, 
     says what a model file must contain (an array added to the model adds its spec here).
 
     Named sizes: D feature dim; Dcls CLS dim; G fitted categories; K classes; E class embedding size;
-    P parts; Dp part centroid size. Their ranges are checked in :func:`check_model_arrays`.
+    P parts; Dp part centroid size; S stuff classes; Ds stuff centroid size. Their ranges are checked in :func:`check_model_arrays`.
     """
     f32, u8, i64 = ("float32",), ("uint8",), ("int64",)
     # --prior maskdistill fits no level: the dataset level is stored with no cluster and no category.
-    dataset_k = 0 if config.prior == "maskdistill" else config.dataset_k
+    dataset_k = 0 if config.prior == "maskdistill" else config.level_clusters("dataset")
     specs = {
         "dataset_centroids": ArraySpec((dataset_k, "D"), f32),
         "dataset_foreground": ArraySpec((dataset_k,), u8),
         "category_centroids": ArraySpec(("G", "Dcls"), f32),
-        "category_level_centroids": ArraySpec(("G", config.category_k, "D"), f32),
-        "category_level_foreground": ArraySpec(("G", config.category_k), u8),
+        "category_level_centroids": ArraySpec(("G", config.level_clusters("category"), "D"), f32),
+        "category_level_foreground": ArraySpec(("G", config.level_clusters("category")), u8),
         "class_centroids": ArraySpec(("K", "E"), f32),
         "part_centroids": ArraySpec(("P", "Dp"), f32),
         "part_classes": ArraySpec(("P",), i64),
+        # Absent from files written before --stuff existed (read as no stuff).
+        "stuff_centroids": ArraySpec(("S", "Ds"), f32, optional=True),
     }
     return specs, {"D": int(feature_dim)}
 
@@ -64,7 +67,7 @@ def check_model_arrays(arrays: dict[str, np.ndarray], config: SegmentConfig, fea
         need(d["G"] == 0, f"{d['G']} categories, expected none with --prior maskdistill")
     else:
         need(1 <= d["G"] <= config.n_categories, f"{d['G']} categories, expected 1..{config.n_categories}")
-    need(d["K"] <= config.k - 1, f"{d['K']} class centroids, expected at most k - 1 = {config.k - 1}")
+    need(d["K"] <= config.n_things, f"{d['K']} class centroids, expected at most {config.n_things} thing classes")
     if d["K"]:
         want = {"pooled": d["D"], "cls": d["Dcls"]}.get(config.assign)
         need(want is None or d["E"] == want, f"class centroids have size {d['E']}, expected {want} for --assign {config.assign}")
@@ -72,8 +75,14 @@ def check_model_arrays(arrays: dict[str, np.ndarray], config: SegmentConfig, fea
     need(d["P"] == 0 or d["Dp"] == d["D"], f"part centroids have size {d['Dp']}, expected {d['D']}")
     for name in ("dataset_foreground", "category_level_foreground"):
         need(bool(np.isin(arrays[name], (0, 1)).all()), f"array {name!r} holds values other than 0 and 1")
-    pc = arrays["part_classes"]
-    need(not pc.size or (pc.min() >= 1 and pc.max() <= config.k - 1), f"array 'part_classes' holds ids outside 1..{config.k - 1}")
+    pc, lo = arrays["part_classes"], config.thing_offset
+    need(not pc.size or (pc.min() >= lo and pc.max() <= config.k - 1), f"array 'part_classes' holds ids outside {lo}..{config.k - 1}")
+    s = d.get("S", 0)
+    if config.n_stuff:
+        need(s in (0, config.n_stuff), f"{s} stuff centroids, expected {config.n_stuff} for --stuff {config.stuff}")
+        need(s == 0 or d["Ds"] == d["D"], f"stuff centroids have size {d['Ds']}, expected {d['D']}")
+    else:
+        need(s == 0, f"{s} stuff centroids, expected none without --stuff")
 
 
 @dataclass
@@ -87,6 +96,7 @@ class SegModel:
     class_centroids: np.ndarray  # (n_classes, De) float32; row i is class id i + 1
     part_centroids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     part_classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # (P,) class id 1.. per part
+    stuff_centroids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (N, D); row i = stuff id i
     version: str = __version__
 
     def tensors(self) -> dict[str, np.ndarray]:
@@ -102,12 +112,13 @@ class SegModel:
             "class_centroids": self.class_centroids.astype(np.float32),
             "part_centroids": self.part_centroids.astype(np.float32),
             "part_classes": self.part_classes.astype(np.int64),
+            "stuff_centroids": self.stuff_centroids.astype(np.float32),
         }
 
     def metadata(self) -> dict[str, str]:
         return {
             "format": FORMAT,
-            "format_version": "1" if self.config.prior == "levels" else "2",
+            "format_version": "1" if self.config.prior == "levels" and not self.config.n_stuff else str(FORMAT_VERSION),
             "segcli_version": self.version,
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "weights_id": self.weights_id,
@@ -187,5 +198,6 @@ class SegModel:
             class_centroids=arrays["class_centroids"],
             part_centroids=arrays["part_centroids"],
             part_classes=arrays["part_classes"],
+            stuff_centroids=arrays.get("stuff_centroids", np.zeros((0, 0), np.float32)),
             version=meta.get("segcli_version", "?"),
         )

@@ -22,12 +22,14 @@ from segcli.config import REGION_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, UsageError
 from segcli.features_source import FeatureSource
 from segcli.foreground import (
-    PROPOSAL_VOTE_WEIGHT, LevelModel, border_grid, fit_level, fuse, image_level_mask, normalised_attention,
+    PROPOSAL_VOTE_WEIGHT, LevelModel, border_grid, fit_level, fuse, image_level_clusters, image_level_mask,
+    normalised_attention,
 )
 from segcli.images import ImageItem, load_image
 from segcli.kmeans import KMeans, assign_nearest, cluster_embeddings
 from segcli.model_file import SegModel
-from segcli.regions import find_regions, pooled_embeddings, region_crops, regions_on_grid
+from segcli.regions import find_regions, pooled_embeddings, region_crops, regions_on_grid, split_regions
+from segcli.stuff import fit_stuff, refine_stuff, stuff_probabilities
 from segcli.report import Reporter, Timings
 
 MANIFEST = ".segcli-run.json"
@@ -68,12 +70,15 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
 
 
 def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a (h, w) float map to size (H, W), pixel centres aligned."""
+    """Bilinear resize of a (h, w) float map, or of each channel of an (L, h, w) one, to size (H, W),
+    pixel centres aligned."""
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))
+    t = t[None, None] if t.ndim == 2 else t[None]
+    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
+    return out[0] if np.ndim(grid) == 2 else out
 
 
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -186,6 +191,8 @@ class Segmenter:
             class_centroids=np.zeros((0, 0), np.float32),
         )
         self.model_ = model
+        if cfg.n_stuff:
+            self._fit_stuff(used)
         if cfg.assign == "parts":
             self._fit_parts(used)
         elif cfg.assign == "probe":
@@ -199,7 +206,7 @@ class Segmenter:
         """The dataset level, the CLS-token categories and one level per category, from sampled patches."""
         cfg = self.config
         attn, border, img = np.concatenate(s_attn), np.concatenate(s_border), np.concatenate(s_img)
-        dataset = fit_level(feats, attn, border, cfg.dataset_k, cfg.seed, cfg.max_samples)
+        dataset = fit_level(feats, attn, border, cfg.level_clusters("dataset"), cfg.seed, cfg.max_samples)
         cls /= np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
         n_cat = min(cfg.n_categories, n_images)
         cat_km = KMeans(n_cat, seed=cfg.seed, max_samples=cfg.max_samples).fit(cls)
@@ -207,14 +214,31 @@ class Segmenter:
         levels = []
         for c in range(n_cat):
             sel = np.isin(img, np.flatnonzero(cat_of_image == c))
-            if sel.sum() >= max(MIN_CATEGORY_SAMPLES, 10 * cfg.category_k):
-                levels.append(fit_level(feats[sel], attn[sel], border[sel], cfg.category_k, cfg.seed + 1 + c, cfg.max_samples))
+            if sel.sum() >= max(MIN_CATEGORY_SAMPLES, 10 * cfg.level_clusters("category")):
+                levels.append(fit_level(feats[sel], attn[sel], border[sel], cfg.level_clusters("category"), cfg.seed + 1 + c, cfg.max_samples))
             else:
-                levels.append(_pad_level(dataset, cfg.category_k))
+                levels.append(_pad_level(dataset, cfg.level_clusters("category")))
         return dataset, cat_km.cluster_centers_.astype(np.float32), levels
 
+    def _fit_stuff(self, items: list[ImageItem]) -> None:
+        """Cluster a bounded sample of the dataset's background patches into the N stuff classes."""
+        cfg = self.config
+        quota = max(1, cfg.max_samples // max(1, len(items)))
+        sample = []
+        for i, (item, f, r) in enumerate(self._results(items, "stuff")):
+            bg = ~r["fg_grid"].ravel()
+            flat = f.feats.reshape(bg.size, -1)[bg]
+            if len(flat):
+                sample.append(flat[_rng(cfg.seed, 3, i).choice(len(flat), size=min(quota, len(flat)), replace=False)])
+        if not sample:
+            self.reporter.note("no background patches were found: no stuff classes, every mask is objects only")
+            self.model_.stuff_centroids = np.zeros((0, self.model_.feature_dim), np.float32)
+            return
+        with self.timings("clustering"):
+            self.model_.stuff_centroids = fit_stuff(np.concatenate(sample), cfg.n_stuff, cfg.seed, cfg.max_samples)
+
     def _fit_classes(self, items: list[ImageItem]) -> None:
-        """Cluster the embeddings of every region of the dataset into k - 1 classes."""
+        """Cluster the embeddings of every region of the dataset into the thing classes (k - 1, or k - N with stuff)."""
         cfg = self.config
         # Images without regions contribute nothing (their (0, 0) arrays cannot be stacked with the others).
         # In the items' order, whichever bundles came from the cache: the clustering must not depend on which
@@ -223,13 +247,13 @@ class Segmenter:
         embs = [found[item.key] for item in items if item.key in found]
         with self.timings("clustering"):
             X = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
-            n = min(cfg.k - 1, X.shape[0])
+            n = min(cfg.n_things, X.shape[0])
             if n == 0:
                 self.reporter.note("no foreground regions were found: every mask will be background")
                 self.model_.class_centroids = np.zeros((0, 0), np.float32)
             else:
-                if n < cfg.k - 1:
-                    self.reporter.note(f"only {X.shape[0]} regions in the dataset: using {n} classes instead of {cfg.k - 1}")
+                if n < cfg.n_things:
+                    self.reporter.note(f"only {X.shape[0]} regions in the dataset: using {n} classes instead of {cfg.n_things}")
                 self.model_.class_centroids = cluster_embeddings(X, n, method=cfg.class_method, seed=cfg.seed)
 
     def _fit_parts(self, items: list[ImageItem]) -> None:
@@ -262,9 +286,9 @@ class Segmenter:
                 adjacency += part_adjacency(grid, n_parts)
                 sizes += np.bincount(grid[grid >= 0], minlength=n_parts)
         with self.timings("clustering"):
-            communities = merge_parts(adjacency, cfg.k - 1, seed=cfg.seed, part_sizes=sizes, centroids=centroids)
+            communities = merge_parts(adjacency, cfg.n_things, seed=cfg.seed, part_sizes=sizes, centroids=centroids)
         self.model_.part_centroids = centroids.astype(np.float32)
-        self.model_.part_classes = communities.astype(np.int64) + 1
+        self.model_.part_classes = communities.astype(np.int64) + cfg.thing_offset
 
     def _fit_probe(self) -> None:
         """STEGO's own cluster probe as the class model: each foreground patch takes the class of its nearest
@@ -299,6 +323,8 @@ class Segmenter:
         fields = REGION_FIELDS + ("assign", "crop_size", "crop_margin")
         h.update(self.config.digest(*fields).encode())
         h.update(CACHE_LAYOUT.encode())
+        if self.config.n_stuff:  # stuff changes the image level's k (keys without stuff stay as they were)
+            h.update(f"image clusters {self.config.level_clusters('image')}".encode())
         h.update(self.source.identity.encode())
         return h.hexdigest()[:20]
 
@@ -362,7 +388,7 @@ class Segmenter:
         cls /= max(float(np.linalg.norm(cls)), 1e-12)
         cat = int(assign_nearest(cls, m.category_centroids)[0])
         m_c = m.categories[cat].mask(flat).reshape(h, w)
-        m_i = image_level_mask(f.feats, f.attn, cfg.image_k, cfg.seed)
+        m_i = image_level_mask(f.feats, f.attn, cfg.level_clusters("image"), cfg.seed)
         if cfg.prior == "vote":
             return fuse([m_d, m_c, m_i, f.proposal], cfg.fusion, weights=[1.0, 1.0, 1.0, PROPOSAL_VOTE_WEIGHT])
         return fuse([m_d, m_c, m_i], cfg.fusion)
@@ -384,6 +410,11 @@ class Segmenter:
                 fg = prob > 0.5
         with self.timings("regions"):
             regions, n = find_regions(fg, cfg.regions, cfg.min_region_frac, cfg.min_region_px)
+            if cfg.n_stuff and cfg.regions == "components" and n:
+                # Scenes: touching objects of different kinds are split along the image level's clusters
+                # (the same k-means as M_I: same input, k and seed).
+                clusters, _ = image_level_clusters(f.feats, f.attn, cfg.level_clusters("image"), cfg.seed)
+                regions, n = split_regions(regions, clusters, min(cfg.min_region_frac * fg.size, float(cfg.min_region_px)))
             fg_grid = regions_on_grid(regions, f.grid) > 0
         if cfg.assign == "cls" and n:
             emb = self.source.embed_crops(region_crops(rgb, regions, n, cfg.crop_margin))
@@ -401,8 +432,25 @@ class Segmenter:
         }
 
     # ------------------------------------------------------------------ predict
-    def labels(self, f: ImageFeatures | None, bundle: dict[str, np.ndarray]) -> np.ndarray:
-        """Class-id map (at the working resolution) of one image from its regions (and features, for parts)."""
+    def labels(self, f: ImageFeatures | None, bundle: dict[str, np.ndarray], rgb: np.ndarray | None = None) -> np.ndarray:
+        """Class-id map (at the working resolution) of one image from its regions (and features, for parts).
+
+        With stuff classes (``--stuff N``) the features and the image (``rgb``, at the working resolution)
+        are needed too: object pixels keep their thing class, every other pixel its refined stuff class.
+        """
+        with self.timings("clustering"):
+            things = self._thing_labels(f, bundle)
+            if not (self.config.n_stuff and len(self.model_.stuff_centroids)):
+                return things
+            if f is None or (rgb is None and self.config.crf):
+                raise UsageError("labels() with stuff classes needs the image's features and its rgb (working resolution)")
+            probs = stuff_probabilities(f.feats, bundle["fg_grid"], self.model_.stuff_centroids)
+        with self.timings("crf"):
+            stuff = refine_stuff(rgb, upsample(probs, things.shape), self.config)
+        return np.where(things > 0, things, stuff).astype(np.uint8)
+
+    def _thing_labels(self, f: ImageFeatures | None, bundle: dict[str, np.ndarray]) -> np.ndarray:
+        """Thing-class ids of the object regions (thing_offset..k-1), 0 elsewhere."""
         m = self.model_
         regions = bundle["regions"].astype(np.int64)
         n = int(bundle["n"])
@@ -424,7 +472,7 @@ class Segmenter:
         if m.class_centroids.size == 0:
             return np.zeros(regions.shape, np.uint8)
         lut = np.zeros(n + 1, np.uint8)
-        lut[1:] = assign_nearest(bundle["emb"].astype(np.float32), m.class_centroids) + 1
+        lut[1:] = assign_nearest(bundle["emb"].astype(np.float32), m.class_centroids) + self.config.thing_offset
         return lut[regions]
 
     def predict(self, items: list[ImageItem], out_dir: str | Path, overlay_dir: str | Path | None = None,
@@ -454,15 +502,18 @@ class Segmenter:
                 summary.reused += 1
             else:
                 todo.append(item)
-        for item, f, bundle in self._results(todo, "masks", need_features=self.config.assign in ("parts", "probe")):
-            with self.timings("clustering"):
-                labels = self.labels(f, bundle)
+        stuff = bool(self.config.n_stuff and len(self.model_.stuff_centroids))
+        for item, f, bundle in self._results(todo, "masks", need_features=self.config.assign in ("parts", "probe") or stuff):
+            rgb = None
+            if stuff or ov is not None:
+                with self.timings("load images"):
+                    rgb = load_image(item.path, self.config.work_max_side).rgb
+            labels = self.labels(f, bundle, rgb)
             size = tuple(int(v) for v in bundle["original_size"])
             with self.timings("write"):
                 full = resize_labels(labels, size)
                 save_label_png(output_path(out, item.key, ".png"), full)
                 if ov is not None:
-                    rgb = load_image(item.path, self.config.work_max_side).rgb
                     save_overlay(output_path(ov, item.key, ".jpg"), rgb, labels)
             summary.written += 1
         summary.skipped = {k: v for k, v in self.skipped.items()}

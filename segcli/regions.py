@@ -27,6 +27,46 @@ def find_regions(fg: np.ndarray, mode: str = "components", min_frac: float = 0.0
     return remap[labels], int(keep.sum())
 
 
+def split_regions(regions: np.ndarray, patch_labels: np.ndarray, min_area: float) -> tuple[np.ndarray, int]:
+    """Split each region along the patch clusters it covers; returns (label map, number of regions).
+
+    Two objects of different kinds that touch (a cyclist beside a car) form one connected component of the
+    foreground; their patches fall into different clusters of the image's own k-means. Each (region,
+    cluster) piece becomes a region of its own when it has at least ``min_area`` pixels; smaller pieces join
+    the nearest kept piece, and a region with no piece that large stays whole. ``patch_labels`` (h, w) is
+    resized to the region map's size (nearest).
+    """
+    regions = np.asarray(regions, dtype=np.int64)
+    H, W = regions.shape
+    h, w = patch_labels.shape
+    ys = np.minimum((np.arange(H) * h) // H, h - 1)
+    xs = np.minimum((np.arange(W) * w) // W, w - 1)
+    clusters = np.asarray(patch_labels, dtype=np.int64)[np.ix_(ys, xs)]
+    out = np.zeros((H, W), np.int32)
+    n = 0
+    eight = np.ones((3, 3), dtype=bool)
+    for r, sl in enumerate(ndimage.find_objects(regions), start=1):
+        if sl is None:
+            continue
+        inside = regions[sl] == r
+        kept = 0
+        for c in np.unique(clusters[sl][inside]):
+            pieces, m = ndimage.label(inside & (clusters[sl] == c), structure=eight)
+            sizes = np.bincount(pieces.ravel(), minlength=m + 1)
+            for p in np.flatnonzero(sizes[1:] >= min_area) + 1:
+                n += 1
+                kept += 1
+                out[sl][pieces == p] = n
+        if kept == 0:
+            n += 1
+            out[sl][inside] = n
+    orphans = (regions > 0) & (out == 0)
+    if orphans.any():
+        iy, ix = ndimage.distance_transform_edt(out == 0, return_distances=False, return_indices=True)
+        out[orphans] = out[iy[orphans], ix[orphans]]
+    return out, n
+
+
 def region_crops(rgb: np.ndarray, regions: np.ndarray, n: int, margin: float = 0.1) -> list[np.ndarray]:
     """Bounding-box crop of each region with a relative margin (the object plus a little context)."""
     H, W = regions.shape

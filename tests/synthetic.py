@@ -83,3 +83,105 @@ def matched_miou(preds: dict[str, np.ndarray], gts: dict[str, np.ndarray], n_cla
         fn = conf[:, c].sum() - tp
         ious.append(tp / max(tp + fp + fn, 1))
     return float(np.mean(ious))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Features from a ground-truth label map ("oracle" features): the generator of benchmarks/bench_oracle.py and of
+# the stuff tests. Documented there; kept here so that tests and benchmark build the very same features.
+
+def class_embeddings(n_classes: int, dim: int, seed: int = 0) -> np.ndarray:
+    """(n_classes, dim) random unit vectors, one per class (nearly orthogonal for dim >> n_classes)."""
+    e = np.random.default_rng([seed, 101]).normal(size=(n_classes, dim))
+    return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+
+
+def fill_ignored(labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Labels with every invalid pixel replaced by its nearest valid pixel's label (features need a class)."""
+    from scipy import ndimage
+
+    if valid.all() or not valid.any():
+        return np.where(valid, labels, 0)
+    iy, ix = ndimage.distance_transform_edt(~valid, return_distances=False, return_indices=True)
+    return labels[iy, ix]
+
+
+def features_from_labels(labels: np.ndarray, grid: tuple[int, int], embeddings: np.ndarray, is_thing: np.ndarray,
+                         noise: float, rng: np.random.Generator, thing_attention: float = 4.0,
+                         attention_noise: float = 0.25, cls_noise: float = 0.05) -> dict[str, np.ndarray]:
+    """DINO-like patch features of one image from its (H, W) class map (every pixel a class 0..C-1).
+
+    - A patch covers a (H/h) x (W/w) block of pixels; its clean feature is the area-weighted mean of the
+      class embeddings of its pixels (patches on a boundary mix their classes, as ViT patches do).
+    - ``feats`` = clean + Gaussian noise of total norm about ``noise`` (per-dimension std noise/sqrt(D)),
+      then L2-normalised per patch.
+    - ``attn``: the area-weighted mean of ``thing_attention`` (things) and 1 (stuff) times a log-normal
+      factor exp(attention_noise * N(0, 1)), normalised to sum 1: the CLS token attends to objects.
+    - ``cls``: the attention-weighted mean of the patch features plus ``cls_noise`` Gaussian noise per dimension.
+    """
+    H, W = labels.shape
+    h, w = grid
+    C, D = embeddings.shape
+    cell = (np.minimum(np.arange(H) * h // H, h - 1)[:, None] * w + np.minimum(np.arange(W) * w // W, w - 1)[None]).ravel()
+    counts = np.bincount(cell * C + labels.ravel().astype(np.int64), minlength=h * w * C).reshape(h * w, C)
+    frac = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    feats = frac @ embeddings + rng.normal(scale=noise / np.sqrt(D), size=(h * w, D))
+    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    attn = (frac @ np.where(is_thing, thing_attention, 1.0)) * np.exp(attention_noise * rng.normal(size=h * w))
+    attn /= attn.sum()
+    cls = attn @ feats + cls_noise * rng.normal(size=D)
+    return {"feats": feats.reshape(h, w, D).astype(np.float16), "attn": attn.reshape(h, w).astype(np.float16),
+            "cls": cls.astype(np.float32)}
+
+
+STUFF_COLOURS = ((120, 170, 230), (110, 110, 110), (60, 140, 50), (150, 100, 60))
+THING_COLOURS = ((220, 40, 40), (240, 220, 40))
+
+
+def make_scene_dataset(root: Path, n_images: int = 12, n_stuff: int = 3, n_things: int = 2, size: tuple[int, int] = (120, 160),
+                       grid: tuple[int, int] = (8, 10), dim: int = 32, noise: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Street-like scenes: stuff bands whose borders fall between patch borders, one or two objects on top.
+
+    Class ids: 0..n_stuff-1 stuff, n_stuff.. things. Writes root/images/<key>.png and root/features/<key>.npz
+    (features_from_labels) and returns {key: ground-truth map}.
+    """
+    rng = np.random.default_rng(seed)
+    H, W = size
+    C = n_stuff + n_things
+    emb = class_embeddings(C, dim, seed)
+    is_thing = np.arange(C) >= n_stuff
+    colours = np.array(STUFF_COLOURS[:n_stuff] + THING_COLOURS[:n_things], np.float32)
+    gts = {}
+    for i in range(n_images):
+        gt = np.zeros((H, W), np.int64)
+        # Stuff: horizontal bands (e.g. sky / buildings / road) at random heights, not on the 15-px patch rows.
+        cuts = np.sort(rng.choice(np.arange(int(0.2 * H), int(0.85 * H)), size=n_stuff - 1, replace=False))
+        for s, y in enumerate(cuts, start=1):
+            gt[y:] = s
+        # Things: one or two boxes.
+        for t in range(1 + i % 2):
+            bh, bw = rng.integers(int(0.2 * H), int(0.4 * H)), rng.integers(int(0.15 * W), int(0.3 * W))
+            y0, x0 = rng.integers(0, H - bh), rng.integers(t * W // 2, (t + 1) * W // 2 - bw)
+            gt[y0:y0 + bh, x0:x0 + bw] = n_stuff + (i + t) % n_things
+        rgb = np.clip(colours[gt] + rng.normal(scale=8, size=(H, W, 3)), 0, 255).astype(np.uint8)
+        key = f"scene{i:03d}"
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "features").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(root / "images" / f"{key}.png")
+        np.savez(root / "features" / f"{key}.npz", **features_from_labels(gt, grid, emb, is_thing, noise, rng))
+        gts[key] = gt
+    return gts
+
+
+def matched_ious(preds: dict[str, np.ndarray], gts: dict[str, np.ndarray], n_classes: int) -> np.ndarray:
+    """Per-class IoU after dataset-level Hungarian matching (n_classes,)."""
+    from scipy.optimize import linear_sum_assignment
+
+    conf = np.zeros((256, n_classes), np.int64)
+    for key, gt in gts.items():
+        np.add.at(conf, (preds[key].ravel().astype(np.int64), gt.ravel()), 1)
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    ious = np.zeros(n_classes)
+    for r, c in zip(rows, cols):
+        tp = conf[r, c]
+        ious[c] = tp / max(conf[r].sum() + conf[:, c].sum() - tp, 1)
+    return ious

@@ -14,6 +14,19 @@ The COCO-Stuff table below is written out by coarse class. It reproduces the ``f
 STEGO's ``src/data.py`` (class ``Coco``; github.com/mhamilton723/STEGO), which follows the supercategory
 hierarchy of COCO-Stuff (github.com/nightrome/cocostuff, ``labels.txt``). Coarse ids keep STEGO's order:
 indoor then outdoor things (0-11), indoor then outdoor stuff (12-26).
+
+Stuff and things (what to give ``segcli segment --k K --stuff N``; ``Preset.segment_args``):
+
+- ``voc``: 21 classes, ``--stuff 0``: the benchmark's own convention, one background class and 20 objects.
+- ``camvid``: 8 stuff (sky, building, pole, road, pavement, tree, sign_symbol, fence), 3 things (car,
+  pedestrian, bicyclist): ``--k 11 --stuff 8``. Poles and signs count as stuff as in Cityscapes' panoptic
+  definition (classes without instances).
+- ``cityscapes27``: 17 stuff, 10 things (person, rider, car, truck, bus, caravan, trailer, train, motorcycle,
+  bicycle: Cityscapes' classes with instances): ``--k 27 --stuff 17``.
+- ``cocostuff27``: 15 stuff, 12 things (COCO-Stuff's own split of its supercategories): ``--k 27 --stuff 15``.
+
+segcli numbers stuff first (ids 0..N-1, things N..k-1); the Hungarian matching of ``evaluate`` does not
+depend on the order of the ids.
 """
 
 from __future__ import annotations
@@ -76,6 +89,16 @@ class Preset:
     ignore: int  # the raw value documented as "ignore" (other unmapped raw values are ignored too if remapped)
     raw_to_class: tuple[tuple[int, int], ...] | None  # None: raw value = class id
     output_palette: str  # palette used for --remap-out pictures
+    stuff: tuple[int, ...] = ()  # class ids that are stuff (labelled by `segment --stuff N`); the rest are things
+
+    @property
+    def n_stuff(self) -> int:
+        return len(self.stuff)
+
+    @property
+    def segment_args(self) -> tuple[str, ...]:
+        """The `segcli segment` / `cluster-dataset` options that match this dataset's classes."""
+        return ("--k", str(self.num_classes), "--stuff", str(self.n_stuff))
 
     @property
     def num_classes(self) -> int:
@@ -94,9 +117,12 @@ def _cocostuff_table() -> tuple[tuple[int, int], ...]:
 
 PRESETS: dict[str, Preset] = {
     "voc": Preset("voc", VOC_CLASSES, 255, None, "voc"),
-    "camvid": Preset("camvid", CAMVID_CLASSES, 11, None, "camvid"),
-    "cityscapes27": Preset("cityscapes27", CITYSCAPES27_CLASSES, 255, _cityscapes_table(), "cityscapes27"),
+    "camvid": Preset("camvid", CAMVID_CLASSES, 11, None, "camvid", stuff=tuple(range(8))),
+    "cityscapes27": Preset(
+        "cityscapes27", CITYSCAPES27_CLASSES, 255, _cityscapes_table(), "cityscapes27", stuff=tuple(range(17))
+    ),
     "cocostuff27": Preset(
-        "cocostuff27", tuple(name for name, _ in COCOSTUFF27_GROUPS), 255, _cocostuff_table(), "voc"
+        "cocostuff27", tuple(name for name, _ in COCOSTUFF27_GROUPS), 255, _cocostuff_table(), "voc",
+        stuff=tuple(range(12, 27)),
     ),
 }
