@@ -20,6 +20,7 @@ FUSION_RULES = ("majority", "all", "any")
 ASSIGN_METHODS = ("cls", "pooled", "parts")
 CLASS_METHODS = ("kmeans", "spectral")
 REGION_MODES = ("components", "whole")
+REFINE_METHODS = ("densecrf", "meanfield", "none")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class SegmentConfig:
     max_samples: int = 100_000
     # Refinement (DESIGN 2.7).
     crf: bool = True
+    # Which refiner (segcli.refine.REFINE_METHODS): the exact dense CRF (pydensecrf) at crf_max_side, or the
+    # coarse-to-fine torch mean-field (GPU when the run has one); crf=False (--no-crf) means "none".
+    refine: str = "densecrf"
     crf_iterations: int = 10
     # The CRF runs with the long side reduced to this (kernels scaled alike), then is upsampled: at full
     # size it costs ~3 ViT-S/16 forward passes per VOC image on a CPU. 0 = full size.
@@ -77,6 +81,7 @@ class SegmentConfig:
         need(self.max_samples >= 100, "--max-samples must be at least 100")
         need(0.0 <= self.min_region_frac < 1.0, "--min-region must be a fraction in [0, 1)")
         need(self.n_parts >= 2, "--parts must be at least 2")
+        need(self.refine in REFINE_METHODS, f"unknown --refine {self.refine!r}; use one of {', '.join(REFINE_METHODS)}")
         need(self.crf_iterations >= 1, "--crf-iterations must be at least 1")
         need(self.crf_max_side == 0 or self.crf_max_side >= 16, "--crf-max-side must be 0 (full size) or at least 16")
 
@@ -90,6 +95,9 @@ class SegmentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SegmentConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        if "crf" in data and "refine" not in data:
+            data["refine"] = "densecrf"  # saved before --refine existed: the dense CRF was the only refiner
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def digest(self, *fields: str) -> str:
@@ -104,5 +112,5 @@ class SegmentConfig:
 # foreground regions given fitted centroids (the region cache key).
 FEATURE_FIELDS = ("backbone", "short_side", "max_side", "feature_kind", "work_max_side")
 REGION_FIELDS = FEATURE_FIELDS + (
-    "image_k", "fusion", "crf", "crf_iterations", "crf_max_side", "regions", "min_region_frac", "min_region_px", "seed",
+    "image_k", "fusion", "crf", "refine", "crf_iterations", "crf_max_side", "regions", "min_region_frac", "min_region_px", "seed",
 )

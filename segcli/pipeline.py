@@ -1,7 +1,7 @@
 """The method end to end: fit (dataset-level model) and predict (label maps), scikit-learn style.
 
 Data flows one way: images -> features (cached) -> three clustering levels -> fused foreground ->
-CRF -> regions -> class ids -> PNG files. Every pass streams over the images and keeps only bounded
+refinement (dense CRF or torch mean-field) -> regions -> class ids -> PNG files. Every pass streams over the images and keeps only bounded
 samples or small per-image results in memory; the feature cache and the per-image region cache on disk
 are the checkpoints that make an interrupted run resume where it stopped.
 """
@@ -297,6 +297,12 @@ class Segmenter:
         m_i = image_level_mask(f.feats, f.attn, cfg.image_k, cfg.seed)
         return fuse([m_d, m_c, m_i], cfg.fusion)
 
+    def _refine_device(self):
+        """The backbone's device for the torch refiner (CPU with --features, or on Apple MPS, which lacks its sparse ops)."""
+        backbone = self.source.backbone
+        device = getattr(backbone, "device", None) if backbone is not None else None
+        return device if device is not None and getattr(device, "type", "cpu") == "cuda" else "cpu"
+
     def _compute_regions(self, item: ImageItem, f: ImageFeatures) -> dict[str, np.ndarray]:
         cfg = self.config
         with self.timings("clustering"):
@@ -306,12 +312,10 @@ class Segmenter:
         rgb = img.rgb
         with self.timings("crf"):
             prob = upsample(soft, rgb.shape[:2])
-            if cfg.crf:
-                from segcli.crf import CRFParams, refine_foreground_scaled
+            from segcli.refine import refine_mask
 
-                fg = refine_foreground_scaled(rgb, prob, CRFParams(iterations=cfg.crf_iterations), cfg.crf_max_side)
-            else:
-                fg = prob > 0.5
+            fg = refine_mask(rgb, prob, cfg.refine if cfg.crf else "none", cfg.crf_iterations, cfg.crf_max_side,
+                             self._refine_device())
         with self.timings("regions"):
             regions, n = find_regions(fg, cfg.regions, cfg.min_region_frac, cfg.min_region_px)
             fg_grid = regions_on_grid(regions, f.grid) > 0
