@@ -17,7 +17,8 @@ foreground fraction of the ground truth resized to that input. Three patch-level
 Each is upsampled to the image with the pipeline's ``upsample`` and refined by every refiner. Scores:
 foreground IoU over the dataset (sum of intersections / sum of unions, ignore pixels excluded), boundary
 F-score at 3 px tolerance (mean over images and seeds; ignore pixels take the nearest labelled pixel's
-label), and CPU milliseconds per image (process CPU time, all threads). VOC foreground = every object
+label), and CPU milliseconds per image (process CPU time, all threads; torch runs one thread by default, like
+pydensecrf, so that on a shared machine spinning worker threads do not inflate its CPU time). VOC foreground = every object
 class (void 255 ignored); CamVid foreground = car, pedestrian, bicyclist, sign_symbol, pole (11 ignored).
 Prints one table per dataset and writes every figure as JSON
 (``{"voc": {"<refiner>": {"noisy": {"iou", "bf", "ms"}, ...}}, "camvid": ...}``) plus the table text.
@@ -210,7 +211,10 @@ def refiners() -> dict[str, Refiner]:
         out["densecrf-320"] = lambda rgb, p: refine_foreground_scaled(rgb, p, crf, 320)
         out["densecrf-160"] = lambda rgb, p: refine_foreground_scaled(rgb, p, crf, 160)
     out["meanfield"] = lambda rgb, p: refine_foreground_torch(rgb, p, RefineParams())
-    out["meanfield-coarse"] = lambda rgb, p: refine_foreground_torch(rgb, p, RefineParams(fine_iterations=0))
+    # The frontier around the shipped setting: colour bin width (VOC prefers wide, CamVid narrow) and iterations.
+    for bw in (6, 7, 10):
+        out[f"meanfield-bin{bw}"] = lambda rgb, p, bw=bw: refine_foreground_torch(rgb, p, RefineParams(bin_width=bw))
+    out["meanfield-5it"] = lambda rgb, p: refine_foreground_torch(rgb, p, RefineParams(iterations=5))
     out["default"] = lambda rgb, p: refine_mask(rgb, p, cfg.refine, cfg.crf_iterations, cfg.crf_max_side)
     return out
 
@@ -255,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=HERE / "results" / "refine_cpu.json")
     ap.add_argument("--max-images", type=int, default=None, help="at most this many images per dataset (evenly spaced)")
     ap.add_argument("--refiners", nargs="*", default=None, help="only these refiners (default: all)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1, as pydensecrf uses one: CPU ms then compare like with like)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(max(1, args.threads))
     cfg = SegmentConfig()
     every = refiners()
     chosen = {k: v for k, v in every.items() if args.refiners is None or k in args.refiners}
