@@ -45,7 +45,7 @@ class SegmentConfig:
     crf: bool = True
     # Which refiner (segcli.refine.REFINE_METHODS): the exact dense CRF (pydensecrf) at crf_max_side, or the
     # coarse-to-fine torch mean-field (GPU when the run has one); crf=False (--no-crf) means "none".
-    refine: str = "densecrf"
+    refine: str = "meanfield"
     crf_iterations: int = 10
     # The CRF runs with the long side reduced to this (kernels scaled alike), then is upsampled: at full
     # size it costs ~3 ViT-S/16 forward passes per VOC image on a CPU. 0 = full size.

@@ -198,8 +198,10 @@ def refine_probs(rgb: np.ndarray, probs: np.ndarray, params: RefineParams = Refi
     small = _reduced_size(H, W, params.max_side)
     if small is not None:
         img_np, p_np = _resize(img_np, small), np.stack([_resize(c, small) for c in p_np])
-    img = torch.from_numpy(np.ascontiguousarray(img_np)).to(dev).permute(2, 0, 1).float()
-    q = _mean_field(img, torch.from_numpy(np.ascontiguousarray(p_np)).to(dev), params)
+    # Own, writable float copies: torch must not wrap read-only arrays (a PIL view, a caller's frozen array).
+    img = torch.from_numpy(img_np.astype(np.float32)).to(dev).permute(2, 0, 1)
+    p_t = torch.from_numpy(p_np if p_np.flags.writeable and p_np.flags.c_contiguous else np.array(p_np, np.float32)).to(dev)
+    q = _mean_field(img, p_t, params)
     if small is not None:
         del img
         q = F.interpolate(q[None], size=(H, W), mode="bilinear", align_corners=False)[0]
