@@ -39,6 +39,7 @@ __all__ = ["REFINE_METHODS", "RefineParams", "refine_probs", "refine_labels", "r
            "RefineFallbackWarning"]
 
 _PROB_EPS = 1e-5
+_DENSE_VERTICES = 1 << 22  # (cell, colour) table size up to which grid neighbours are found by lookup
 
 
 @dataclass(frozen=True)
@@ -66,29 +67,57 @@ class _BilateralGrid:
         GY, GX = int(gy[-1]) + 1, int(gx[-1]) + 1
         nb = int(255 // bin_width) + 1
         bins = (img.reshape(3, -1) / bin_width).floor().long().clamp_(0, nb - 1)
-        key = (gy[:, None] * GX + gx[None, :]).reshape(-1) * nb
-        key = ((key + bins[0]) * nb + bins[1]) * nb + bins[2]
+        colour = (bins[0] * nb + bins[1]) * nb + bins[2]
         del bins
+        cell = (gy[:, None] * GX + gx[None, :]).reshape(-1)
+        radius = max(1, int(math.ceil(2 * sigma_cells)))
+        weights = {d: math.exp(-d * d / (2 * sigma_cells ** 2)) for d in range(-radius, radius + 1) if d}
+        self.taps: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        ucol, col_inv = torch.unique(colour, return_inverse=True)
+        n_col, n_cell = int(ucol.numel()), GY * GX
+        if n_cell * n_col <= _DENSE_VERTICES:
+            # Few enough (cell, colour present in the image) pairs for a dense table: neighbours by lookup.
+            vkey = cell * n_col + col_inv
+            del cell, col_inv, colour
+            occupied = torch.zeros(n_cell * n_col, dtype=torch.bool, device=dev)
+            occupied[vkey] = True
+            index = torch.cumsum(occupied, 0) - 1
+            self.inv = index[vkey]
+            del vkey
+            verts = torch.nonzero(occupied).reshape(-1)
+            self.M = int(verts.numel())
+            vcell = verts // n_col
+            for coord, limit, stride in ((vcell % GX, GX, n_col), (vcell // GX, GY, n_col * GX)):
+                axis = []
+                for d, wd in weights.items():
+                    target = (verts + d * stride).clamp_(0, n_cell * n_col - 1)
+                    ok = occupied[target] & (coord + d >= 0) & (coord + d < limit)
+                    if ok.any():
+                        axis.append((index[target].clamp_(min=0), ok.to(img.dtype) * wd))
+                self.taps.append(axis)
+            return self._normalise(H * W, img.dtype, dev)
+        # Otherwise (large images with many colours): sorted occupied keys, neighbours by binary search.
+        colours = nb ** 3
+        key = cell * colours + colour
+        del cell, col_inv, colour
         uniq, self.inv = torch.unique(key, return_inverse=True)
         del key
         self.M = int(uniq.numel())
-        colours = nb ** 3
-        cell = uniq // colours
-        radius = max(1, int(math.ceil(2 * sigma_cells)))
-        self.taps: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        for coord, limit, stride in ((cell % GX, GX, colours), (cell // GX, GY, colours * GX)):
+        ucell = uniq // colours
+        for coord, limit, stride in ((ucell % GX, GX, colours), (ucell // GX, GY, colours * GX)):
             axis = []
-            for d in range(-radius, radius + 1):
-                if d == 0:
-                    continue
+            for d, wd in weights.items():
                 target = uniq + d * stride
                 pos = torch.searchsorted(uniq, target).clamp_(max=self.M - 1)
                 ok = (uniq[pos] == target) & (coord + d >= 0) & (coord + d < limit)
                 if ok.any():
-                    axis.append((pos, ok.to(img.dtype) * math.exp(-d * d / (2 * sigma_cells ** 2))))
+                    axis.append((pos, ok.to(img.dtype) * wd))
             self.taps.append(axis)
+        self._normalise(H * W, img.dtype, dev)
+
+    def _normalise(self, n: int, dtype: torch.dtype, dev: torch.device) -> None:
         self.scale = 1.0
-        self.scale = 1.0 / self._filter(torch.ones((1, H * W), dtype=img.dtype, device=dev))[0]
+        self.scale = 1.0 / self._filter(torch.ones((1, n), dtype=dtype, device=dev))[0]
 
     def _filter(self, x: torch.Tensor) -> torch.Tensor:
         v = torch.zeros((self.M, x.shape[0]), dtype=x.dtype, device=x.device).index_add_(0, self.inv, x.T)
