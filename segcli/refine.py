@@ -4,16 +4,18 @@ Why: the exact dense CRF (pydensecrf, :mod:`segcli.crf`) costs ~2.5 us per pixel
 core and has no GPU path, so segcli ran it with the long side reduced to 160 px, which rounds every
 boundary to ~3-px steps: about 3 IoU and 9 boundary-F points below the full-size CRF on VOC with noisy
 patch masks (``benchmarks/bench_refine.py``). This refiner runs the same model -- Potts energy, unaries
-``-log p``, a Gaussian kernel (sxy=1, compat 3) and a bilateral kernel (sxy=67, srgb=3, compat 4), both
-normalised as pydensecrf's default ``NORMALIZE_SYMMETRIC`` does -- at full size, and replaces the
-permutohedral lattice by a bilateral grid: pixels are splatted into (spatial cell, colour bin) vertices
-(cells of ``cell * sxy`` px, colour bins of ``bin_width`` levels per channel), the occupied vertices are
-blurred with a Gaussian over neighbouring cells of the same colour bin, and each pixel reads its vertex
-back (divided by the filtered ones, so a message is a weighted average of Q). Only occupied vertices are
-stored (``torch.unique``), a few thousand for a photo, so one iteration is two gathers and one
-``index_add`` over the pixels. The wider colour bins (default 10 levels, the lattice's effective width
-rather than srgb=3 itself) were chosen by the benchmark: they match the full-size CRF's IoU and boundary
-F on VOC and CamVid at the 160-px CRF's CPU time.
+``-log p``, a Gaussian kernel (sxy=1, compat 3) and a bilateral kernel (sxy=67, compat 4), each message a
+normalised (weighted-average) filter of Q as pydensecrf's default normalisation nearly makes it -- at full
+size, and replaces the permutohedral lattice by a bilateral grid: pixels are splatted into (spatial cell,
+colour bin) vertices (cells of ``cell * sxy`` px, colour bins of ``bin_width`` levels per channel), the
+occupied vertices are blurred with a Gaussian over neighbouring cells of the same colour bin, and each
+pixel reads its vertex back, divided by the filtered ones. Only occupied vertices are stored, a few
+thousand for a photo, so one iteration is one ``index_add`` and a few gathers over the pixels.
+
+The colour bin (8 levels, wider than srgb=3, nearer the lattice's effective width) and the 10 iterations
+were chosen by ``benchmarks/bench_refine.py``: on VOC with noisy patch masks within 0.5 IoU and 1.1
+boundary-F points of the full-size CRF at 0.95x the 160-px CRF's CPU time; on CamVid 1.4 IoU below the
+full-size CRF (better boundary F). Narrower bins / fewer iterations favour CamVid and cost VOC.
 
 Larger images than ``max_side`` are refined at that long side (marginals upsampled), so memory is bounded
 by the working size whatever the input, as for ``--work-max-side``.
