@@ -144,6 +144,20 @@ def test_cli_rejects_an_unknown_refiner(tmp_path):
     assert r.exit_code == 2 and "--refine" in r.output
 
 
+def test_refine_choice_is_saved_in_the_model_file(tmp_path):
+    from segcli.cli import app
+    from segcli.model_file import SegModel
+    from tests.synthetic import make_dataset
+
+    make_dataset(tmp_path / "d", n_images=4)
+    for method in ("none", "densecrf"):
+        r = CliRunner().invoke(app, ["cluster-dataset", str(tmp_path / "d" / "images"), "--features", str(tmp_path / "d" / "features"),
+                                     "--k", "3", "--assign", "pooled", "--refine", method, "--out", str(tmp_path / f"{method}.segcli"),
+                                     "--cache", str(tmp_path / "c"), "--quiet"])
+        assert r.exit_code == 0, r.output
+        assert SegModel.load(tmp_path / f"{method}.segcli").config.refine == method
+
+
 # ------------------------------------------------------------------------------------------------ real images
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_refine", ROOT / "benchmarks" / "bench_refine.py")
