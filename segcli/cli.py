@@ -110,8 +110,9 @@ Stuff = Annotated[int, typer.Option("--stuff", help="Label the background with N
 Fusion = Annotated[str, typer.Option("--fusion", help="Foreground where majority (2 of 3) | all | any of the levels agree.", rich_help_panel="Method")]
 Prior = Annotated[str, typer.Option("--prior", help="Foreground prior: levels (the three clustering levels) | maskdistill (MaskDistill's object proposal alone) | vote (the proposal as a fourth vote; a 2-2 majority tie goes its way).", rich_help_panel="Method")]
 ProposalHeads = Annotated[int, typer.Option("--proposal-heads", help="Heads whose CLS row the MaskDistill proposal averages (the first N; 0 = all). 5 = MaskDistill's ViT-S/16 setting.", rich_help_panel="Method")]
-Crf = Annotated[bool, typer.Option("--crf/--no-crf", help="Dense-CRF refinement of the foreground.", rich_help_panel="Method")]
-CrfMaxSide = Annotated[int, typer.Option("--crf-max-side", help="Run the CRF at this long side (kernels scaled), then upsample; 0 = full size.", rich_help_panel="Method")]
+Crf = Annotated[bool, typer.Option("--crf/--no-crf", help="Refine the foreground (with --refine's refiner); --no-crf = --refine none.", rich_help_panel="Method")]
+Refine = Annotated[str, typer.Option("--refine", help="Refiner of the foreground: meanfield (torch dense-CRF mean-field on a bilateral grid, full size, GPU when the backbone is on one) | densecrf (pydensecrf at --crf-max-side) | none. --no-crf = none.", rich_help_panel="Method")]
+CrfMaxSide = Annotated[int, typer.Option("--crf-max-side", help="--refine densecrf: run the CRF at this long side (kernels scaled), then upsample; 0 = full size.", rich_help_panel="Method")]
 Assign = Annotated[str, typer.Option("--assign", help="Class assignment: cls (CLS tokens of region crops) | pooled (mean patch feature of each region) | parts (community detection over parts) | probe (STEGO's own cluster probe labels each patch; needs a STEGO checkpoint and --feature code).", rich_help_panel="Method")]
 ClassMethod = Annotated[str, typer.Option("--class-method", help="kmeans|spectral clustering of region embeddings.", rich_help_panel="Method")]
 Parts = Annotated[int, typer.Option("--parts", help="Number of parts to over-cluster into with --assign parts.", rich_help_panel="Method")]
@@ -134,7 +135,8 @@ _SHARED_OPTIONS = [
     ("device", Device, "auto"), ("precision", Precision, "fp32"), ("short_side", ShortSide, 448),
     ("max_side", MaxSide, 1344), ("work_max_side", WorkMaxSide, 2048), ("feature", FeatureKind, None),
     ("batch_size", BatchSize, 8), ("threads", Threads, None), ("categories", Categories, None),
-    ("fusion", Fusion, "majority"), ("crf", Crf, True), ("crf_max_side", CrfMaxSide, 160), ("assign", Assign, "cls"),
+    ("fusion", Fusion, "majority"), ("crf", Crf, True), ("refine", Refine, SegmentConfig.refine),
+    ("crf_max_side", CrfMaxSide, 160), ("assign", Assign, "cls"),
     ("class_method", ClassMethod, "kmeans"), ("parts", Parts, 100), ("regions", Regions, "components"),
     ("min_region", MinRegion, 0.01), ("min_region_px", MinRegionPx, 400), ("max_samples", MaxSamples, 100_000),
     ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
@@ -156,7 +158,7 @@ def with_shared_options(fn: Callable) -> Callable:
 # CLI parameter name -> SegmentConfig field, for the method options both fitting commands take.
 _CONFIG_OPTIONS = {
     "backbone": "backbone", "short_side": "short_side", "max_side": "max_side", "work_max_side": "work_max_side",
-    "feature": "feature_kind", "k": "k", "categories": "categories", "fusion": "fusion", "crf": "crf",
+    "feature": "feature_kind", "k": "k", "categories": "categories", "fusion": "fusion", "crf": "crf", "refine": "refine",
     "crf_max_side": "crf_max_side", "regions": "regions", "min_region": "min_region_frac",
     "min_region_px": "min_region_px", "assign": "assign", "class_method": "class_method", "parts": "n_parts",
     "max_samples": "max_samples", "seed": "seed", "prior": "prior", "proposal_heads": "proposal_heads",

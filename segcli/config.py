@@ -26,6 +26,7 @@ PRIORS = ("levels", "maskdistill", "vote")
 MAX_K = 256
 # Seeds reach numpy, scikit-learn (which needs < 2**32) and faiss, with small offsets added per level.
 MAX_SEED = 2**31 - 1
+REFINE_METHODS = ("densecrf", "meanfield", "none")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class SegmentConfig:
     proposal_heads: int = 5
     # Refinement (DESIGN 2.7).
     crf: bool = True
+    # Which refiner (segcli.refine.REFINE_METHODS): the exact dense CRF (pydensecrf) at crf_max_side, or the
+    # coarse-to-fine torch mean-field (GPU when the run has one); crf=False (--no-crf) means "none".
+    refine: str = "meanfield"
     crf_iterations: int = 10
     # The CRF runs with the long side reduced to this (kernels scaled alike), then is upsampled: at full
     # size it costs ~3 ViT-S/16 forward passes per VOC image on a CPU. 0 = full size.
@@ -97,6 +101,7 @@ class SegmentConfig:
         need(self.crop_size >= 16, "--crop-size must be at least 16")
         need(0.0 <= self.crop_margin < 1.0, "--crop-margin must be a fraction in [0, 1)")
         need(self.n_parts >= 2, "--parts must be at least 2")
+        need(self.refine in REFINE_METHODS, f"unknown --refine {self.refine!r}; use one of {', '.join(REFINE_METHODS)}")
         need(self.crf_iterations >= 1, "--crf-iterations must be at least 1")
         need(self.crf_max_side == 0 or self.crf_max_side >= 16, "--crf-max-side must be 0 (full size) or at least 16")
 
@@ -137,6 +142,9 @@ class SegmentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SegmentConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        if "crf" in data and "refine" not in data:
+            data["refine"] = "densecrf"  # saved before --refine existed: the dense CRF was the only refiner
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def digest(self, *fields: str) -> str:
@@ -151,5 +159,6 @@ class SegmentConfig:
 # foreground regions given fitted centroids (the region cache key).
 FEATURE_FIELDS = ("backbone", "short_side", "max_side", "feature_kind", "work_max_side", "proposal_heads")
 REGION_FIELDS = FEATURE_FIELDS + (
-    "prior", "image_k", "fusion", "crf", "crf_iterations", "crf_max_side", "regions", "min_region_frac", "min_region_px", "seed",
+    "prior", "image_k", "fusion", "crf", "refine", "crf_iterations", "crf_max_side", "regions", "min_region_frac", "min_region_px",
+    "seed",
 )

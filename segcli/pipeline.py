@@ -1,7 +1,7 @@
 """The method end to end: fit (dataset-level model) and predict (label maps), scikit-learn style.
 
 Data flows one way: images -> features (cached) -> three clustering levels -> fused foreground ->
-CRF -> regions -> class ids -> PNG files. Every pass streams over the images and keeps only bounded
+refinement (dense CRF or torch mean-field) -> regions -> class ids -> PNG files. Every pass streams over the images and keeps only bounded
 samples or small per-image results in memory; the feature cache and the per-image region cache on disk
 are the checkpoints that make an interrupted run resume where it stopped.
 """
@@ -393,6 +393,12 @@ class Segmenter:
             return fuse([m_d, m_c, m_i, f.proposal], cfg.fusion, weights=[1.0, 1.0, 1.0, PROPOSAL_VOTE_WEIGHT])
         return fuse([m_d, m_c, m_i], cfg.fusion)
 
+    def _refine_device(self):
+        """The backbone's device for the torch refiner (CPU with --features, or on Apple MPS, which lacks its sparse ops)."""
+        backbone = self.source.backbone
+        device = getattr(backbone, "device", None) if backbone is not None else None
+        return device if device is not None and getattr(device, "type", "cpu") == "cuda" else "cpu"
+
     def _compute_regions(self, item: ImageItem, f: ImageFeatures) -> dict[str, np.ndarray]:
         cfg = self.config
         with self.timings("clustering"):
@@ -402,12 +408,10 @@ class Segmenter:
         rgb = img.rgb
         with self.timings("crf"):
             prob = upsample(soft, rgb.shape[:2])
-            if cfg.crf:
-                from segcli.crf import CRFParams, refine_foreground_scaled
+            from segcli.refine import refine_mask
 
-                fg = refine_foreground_scaled(rgb, prob, CRFParams(iterations=cfg.crf_iterations), cfg.crf_max_side)
-            else:
-                fg = prob > 0.5
+            fg = refine_mask(rgb, prob, cfg.refine if cfg.crf else "none", cfg.crf_iterations, cfg.crf_max_side,
+                             self._refine_device())
         with self.timings("regions"):
             regions, n = find_regions(fg, cfg.regions, cfg.min_region_frac, cfg.min_region_px)
             if cfg.n_stuff and cfg.regions == "components" and n:
@@ -446,7 +450,7 @@ class Segmenter:
                 raise UsageError("labels() with stuff classes needs the image's features and its rgb (working resolution)")
             probs = stuff_probabilities(f.feats, bundle["fg_grid"], self.model_.stuff_centroids)
         with self.timings("crf"):
-            stuff = refine_stuff(rgb, upsample(probs, things.shape), self.config)
+            stuff = refine_stuff(rgb, upsample(probs, things.shape), self.config, self._refine_device())
         return np.where(things > 0, things, stuff).astype(np.uint8)
 
     def _thing_labels(self, f: ImageFeatures | None, bundle: dict[str, np.ndarray]) -> np.ndarray:

@@ -61,14 +61,10 @@ def stuff_probabilities(feats: np.ndarray, fg_grid: np.ndarray, centroids: np.nd
     return np.ascontiguousarray(p, dtype=np.float32)
 
 
-def refine_stuff(rgb: np.ndarray, probs: np.ndarray, config: SegmentConfig) -> np.ndarray:
-    """(H, W) stuff ids from (N, H, W) probabilities at the image's size: the one place that refines them.
+def refine_stuff(rgb: np.ndarray, probs: np.ndarray, config: SegmentConfig, device=None) -> np.ndarray:
+    """(H, W) stuff ids from (N, H, W) probabilities at the image's size: the one place that refines them,
+    with the foreground's refiner (``--refine``; ``--no-crf``: the arg-max) on ``device``."""
+    from segcli.refine import refine_label_map
 
-    Dense CRF with the foreground's parameters and ``--crf-max-side`` path (``segcli.crf.refine_labels_scaled``);
-    with ``--no-crf`` the arg-max. Any other L-label refiner plugs in here.
-    """
-    if not config.crf:
-        return np.asarray(probs).argmax(0)
-    from segcli.crf import CRFParams, refine_labels_scaled
-
-    return refine_labels_scaled(rgb, probs, CRFParams(iterations=config.crf_iterations), config.crf_max_side)
+    method = config.refine if config.crf else "none"
+    return refine_label_map(rgb, probs, method, config.crf_iterations, config.crf_max_side, device)

@@ -110,7 +110,9 @@ def test_model_refuses_other_features(data, tmp_path):
     ["--fusion", "any"],
     ["--categories", "2"],
     ["--regions", "whole", "--min-region", "0.05"],
-    ["--crf-max-side", "0", "--work-max-side", "96"],
+    ["--refine", "densecrf", "--crf-max-side", "0", "--work-max-side", "96"],
+    ["--refine", "densecrf"],
+    ["--refine", "none"],
 ])
 def test_method_options_still_recover_masks(data, tmp_path, extra):
     root, gts = data
