@@ -220,16 +220,23 @@ class Segmenter:
                 levels.append(_pad_level(dataset, cfg.level_clusters("category")))
         return dataset, cat_km.cluster_centers_.astype(np.float32), levels
 
-    def _fit_stuff(self, items: list[ImageItem]) -> None:
-        """Cluster a bounded sample of the dataset's background patches into the N stuff classes."""
+    def _sample_patches(self, items: list[ImageItem], description: str, foreground: bool, stream: int) -> list[np.ndarray]:
+        """A bounded, seeded sample of the foreground (or background) patch features of every image: at most
+        max_samples / #images per image, drawn with the random stream ``stream`` (one per fit)."""
         cfg = self.config
         quota = max(1, cfg.max_samples // max(1, len(items)))
         sample = []
-        for i, (item, f, r) in enumerate(self._results(items, "stuff")):
-            bg = ~r["fg_grid"].ravel()
-            flat = f.feats.reshape(bg.size, -1)[bg]
+        for i, (item, f, r) in enumerate(self._results(items, description)):
+            keep = r["fg_grid"].ravel() == foreground
+            flat = f.feats.reshape(keep.size, -1)[keep]
             if len(flat):
-                sample.append(flat[_rng(cfg.seed, 3, i).choice(len(flat), size=min(quota, len(flat)), replace=False)])
+                sample.append(flat[_rng(cfg.seed, stream, i).choice(len(flat), size=min(quota, len(flat)), replace=False)])
+        return sample
+
+    def _fit_stuff(self, items: list[ImageItem]) -> None:
+        """Cluster a bounded sample of the dataset's background patches into the N stuff classes."""
+        cfg = self.config
+        sample = self._sample_patches(items, "stuff", foreground=False, stream=3)
         if not sample:
             self.reporter.note("no background patches were found: no stuff classes, every mask is objects only")
             self.model_.stuff_centroids = np.zeros((0, self.model_.feature_dim), np.float32)
@@ -261,13 +268,7 @@ class Segmenter:
         from segcli.parts import merge_parts, part_adjacency
 
         cfg = self.config
-        quota = max(1, cfg.max_samples // max(1, len(items)))
-        sample = []
-        for i, (item, f, r) in enumerate(self._results(items, "regions")):
-            fg = r["fg_grid"].ravel()
-            flat = f.feats.reshape(fg.size, -1)[fg]
-            if len(flat):
-                sample.append(flat[_rng(cfg.seed, 2, i).choice(len(flat), size=min(quota, len(flat)), replace=False)])
+        sample = self._sample_patches(items, "regions", foreground=True, stream=2)
         if not sample:
             self.reporter.note("no foreground regions were found: every mask will be background")
             self.model_.part_centroids = np.zeros((0, self.model_.feature_dim), np.float32)

@@ -299,6 +299,20 @@ def _warn_fallback_once(hint: str) -> None:
                       f"of the dense CRF; install it with `{hint}` for --refine densecrf", RefineFallbackWarning, stacklevel=3)
 
 
+def _available(method: str) -> str:
+    """The refiner that will run for ``method``: ``densecrf`` without pydensecrf installed warns once and
+    becomes ``meanfield``; an unknown name raises ValueError."""
+    if method not in REFINE_METHODS:
+        raise ValueError(f"unknown refinement method {method!r}; use one of {', '.join(REFINE_METHODS)}")
+    if method == "densecrf":
+        from segcli.crf import INSTALL_HINT, crf_available
+
+        if not crf_available():
+            _warn_fallback_once(INSTALL_HINT)
+            return "meanfield"
+    return method
+
+
 def refine_mask(rgb: np.ndarray, fg_prob: np.ndarray, method: str, iterations: int = 10, crf_max_side: int = 160,
                 device: torch.device | str | None = None) -> np.ndarray:
     """(H, W) bool foreground of ``fg_prob`` refined by ``method`` (the one per-image refinement step).
@@ -307,33 +321,25 @@ def refine_mask(rgb: np.ndarray, fg_prob: np.ndarray, method: str, iterations: i
     warns once and uses ``meanfield`` instead. ``meanfield``: :func:`refine_foreground_torch` with
     ``iterations`` iterations, on ``device``. ``none``: ``fg_prob > 0.5``.
     """
+    method = _available(method)
     if method == "none":
         return np.asarray(fg_prob) > 0.5
     if method == "densecrf":
-        from segcli.crf import INSTALL_HINT, CRFParams, crf_available, refine_foreground_scaled
+        from segcli.crf import CRFParams, refine_foreground_scaled
 
-        if crf_available():
-            return refine_foreground_scaled(rgb, fg_prob, CRFParams(iterations=iterations), crf_max_side)
-        _warn_fallback_once(INSTALL_HINT)
-        method = "meanfield"
-    if method == "meanfield":
-        return refine_foreground_torch(rgb, fg_prob, RefineParams(iterations=iterations), device)
-    raise ValueError(f"unknown refinement method {method!r}; use one of {', '.join(REFINE_METHODS)}")
+        return refine_foreground_scaled(rgb, fg_prob, CRFParams(iterations=iterations), crf_max_side)
+    return refine_foreground_torch(rgb, fg_prob, RefineParams(iterations=iterations), device)
 
 
 def refine_label_map(rgb: np.ndarray, probs: np.ndarray, method: str, iterations: int = 10, crf_max_side: int = 160,
                      device: torch.device | str | None = None) -> np.ndarray:
     """(H, W) int64 labels of (L, H, W) probabilities refined by ``method``: :func:`refine_mask` for L labels
     (the stuff map of ``--stuff N``), with the same choices and the same fallback when pydensecrf is missing."""
+    method = _available(method)
     if method == "none":
         return np.asarray(probs).argmax(0)
     if method == "densecrf":
-        from segcli.crf import INSTALL_HINT, CRFParams, crf_available, refine_labels_scaled
+        from segcli.crf import CRFParams, refine_labels_scaled
 
-        if crf_available():
-            return refine_labels_scaled(rgb, probs, CRFParams(iterations=iterations), crf_max_side)
-        _warn_fallback_once(INSTALL_HINT)
-        method = "meanfield"
-    if method == "meanfield":
-        return refine_labels(rgb, probs, RefineParams(iterations=iterations), device)
-    raise ValueError(f"unknown refinement method {method!r}; use one of {', '.join(REFINE_METHODS)}")
+        return refine_labels_scaled(rgb, probs, CRFParams(iterations=iterations), crf_max_side)
+    return refine_labels(rgb, probs, RefineParams(iterations=iterations), device)
