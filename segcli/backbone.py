@@ -233,6 +233,13 @@ class Backbone:
         h, w = self.input_size(a.shape[0], a.shape[1], short_side, max_side)
         return resize_normalise(a, h, w, self.mean, self.std)
 
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A host batch on the backbone's device. On CUDA through pinned memory with a non-blocking copy, so the
+        transfer overlaps with work already queued on the device instead of stalling the host thread."""
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
     def extract(self, batch: torch.Tensor, kind: str = "keys", proposal_heads: int = 5) -> FeatureBatch:
         """Features of a normalised batch (B, 3, H, W) (any device); one forward pass, inference mode."""
         return compute_features(self, batch, kind=kind, proposal_heads=proposal_heads)

@@ -102,7 +102,8 @@ ShortSide = Annotated[int, typer.Option("--short-side", help="Backbone input sho
 MaxSide = Annotated[int, typer.Option("--max-side", help="Cap on the backbone input long side.", rich_help_panel="Backbone")]
 WorkMaxSide = Annotated[int, typer.Option("--work-max-side", help="Larger images are processed at this long side and their mask upsampled to full size.", rich_help_panel="Backbone")]
 FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features: keys|queries|values|tokens|code (STEGO's code). Default: keys; tokens for Leopart and LOCA checkpoints, code for STEGO ones.", rich_help_panel="Backbone")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (same-size images are batched).", rich_help_panel="Backbone")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (images are bucketed by input size over a window of max(64, 16 x batch) images, so batches are full; results do not depend on it).", rich_help_panel="Backbone")]
+DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default k-1).", rich_help_panel="Method")]
@@ -138,6 +139,7 @@ _SHARED_OPTIONS = [
     ("min_region", MinRegion, 0.01), ("min_region_px", MinRegionPx, 400), ("max_samples", MaxSamples, 100_000),
     ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
     ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
+    ("decode_workers", DecodeWorkers, None),
 ]
 
 
@@ -193,6 +195,8 @@ def _check_run_options(opts: dict) -> SegmentConfig:
         raise UsageError(f"--threads must be between 1 and 4096, got {opts['threads']}")
     if opts["batch_size"] < 1:
         raise UsageError(f"--batch-size must be at least 1, got {opts['batch_size']}")
+    if opts["decode_workers"] is not None and not 0 <= opts["decode_workers"] <= 256:
+        raise UsageError(f"--decode-workers must be between 0 and 256, got {opts['decode_workers']}")
     import re
 
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(opts["device"]).strip().lower()):
@@ -227,7 +231,7 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
         torch.set_num_threads(opts["threads"])
     return Segmenter(config, model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
                      precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
-                     batch_size=opts["batch_size"])
+                     batch_size=opts["batch_size"], decode_workers=opts["decode_workers"])
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:

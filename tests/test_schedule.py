@@ -1,0 +1,100 @@
+"""The feature stage's schedule (README "Keeping an accelerator busy"): decode workers ahead of the device,
+shape buckets over a lookahead window, results in input order and independent of the schedule, byte for byte."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segcli.config import SegmentConfig
+from segcli.errors import BadImageError
+from segcli.features_source import FeatureSource
+from segcli.images import ImageItem
+from tests.checkpoints import TINY, random_backbone
+
+# Three backbone input shapes at short side 224 (patch 16): 224x336, 336x224 and 224x224 (realistic token counts:
+# torch's CPU matmul kernels are batch-invariant there, not for a handful of tokens; see the README).
+SIZES = [(60, 40), (40, 60), (50, 50)]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return random_backbone(TINY)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[ImageItem]:
+    """14 images whose sizes alternate, so neighbours never share a shape, and one unreadable file."""
+    root = tmp_path_factory.mktemp("schedule")
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(14):
+        w, h = SIZES[i % 3]
+        path = root / f"im{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        items.append(ImageItem(key=f"im{i:02d}", path=path))
+    bad = root / "bad.png"
+    bad.write_bytes(b"not an image")
+    items.insert(5, ImageItem(key="bad", path=bad))
+    return items
+
+
+def run(backbone, items, tmp_path: Path, name: str, **kw):
+    config = SegmentConfig(backbone=TINY, short_side=224, max_side=448)
+    src = FeatureSource(config, backbone=backbone, cache_dir=tmp_path / name, **kw)
+    out = list(src.features(items))
+    return src, out
+
+
+def arrays(f) -> bytes:
+    return b"".join(np.ascontiguousarray(a).tobytes() for a in (f.feats, f.cls, f.attn, f.proposal))
+
+
+def test_order_and_bytes_do_not_depend_on_the_schedule(backbone, images, tmp_path):
+    reference = None
+    for name, kw in {
+        "inline-b1": dict(batch_size=1, decode_workers=0),
+        "inline-b4": dict(batch_size=4, decode_workers=0),
+        "threads-b3": dict(batch_size=3, decode_workers=2),
+        "threads-b8-small-window": dict(batch_size=8, decode_workers=3, lookahead=5),
+    }.items():
+        src, out = run(backbone, images, tmp_path, name, **kw)
+        assert [item.key for item, _ in out] == [item.key for item in images], name
+        assert isinstance(dict((i.key, f) for i, f in out)["bad"], BadImageError)
+        got = {item.key: arrays(f) for item, f in out if not isinstance(f, BadImageError)}
+        if reference is None:
+            reference = got
+        assert got == reference, f"{name}: features differ from the batch-1 in-process run"
+        # and the cache entries written by the workers are the same features
+        again = FeatureSource(src.config, backbone=backbone, cache_dir=tmp_path / name, decode_workers=0)
+        cached = {i.key: arrays(f) for i, f in again.features(images) if not isinstance(f, BadImageError)}
+        assert cached == reference, name
+        assert again.last_batch_sizes == [], "everything came from the cache"
+
+
+def test_batches_are_full_across_the_input(backbone, images, tmp_path):
+    # 14 readable images of three shapes (5, 5, 4): with a window over the whole input, batches of 4 are
+    # full except one remainder per shape. Neighbour-only grouping would give batches of one.
+    src, _ = run(backbone, images, tmp_path, "full", batch_size=4, decode_workers=2, lookahead=64)
+    assert sorted(src.last_batch_sizes, reverse=True) == [4, 4, 4, 1, 1]
+    # a window of 4 images bounds what is held: never a batch larger than the window allows
+    src, out = run(backbone, images, tmp_path, "bounded", batch_size=4, decode_workers=0, lookahead=4)
+    assert sum(src.last_batch_sizes) == 14 and max(src.last_batch_sizes) <= 2
+
+
+def test_stopping_early_stops_the_workers(backbone, images, tmp_path):
+    before = {t.ident for t in threading.enumerate()}
+    config = SegmentConfig(backbone=TINY, short_side=224, max_side=448)
+    src = FeatureSource(config, backbone=backbone, cache_dir=tmp_path / "stop", batch_size=2, decode_workers=3)
+    gen = src.features(images)
+    next(gen)
+    gen.close()  # what a KeyboardInterrupt in the consumer does to the generator
+    left = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("segcli-decode")]
+    assert left == []
+    # what was finished is in the cache; the rest is computed by the next pass
+    src2, out = run(backbone, images, tmp_path, "stop", batch_size=2, decode_workers=0)
+    assert len(out) == len(images) and sum(src2.last_batch_sizes) < 14
