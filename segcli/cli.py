@@ -97,7 +97,7 @@ def _main(
 Backbone = Annotated[Optional[str], typer.Option("--backbone", "-b", help=f"timm model name or alias (dino-s16, dino-s8, dino-b16, dino-b8, dinov2-s14, dinov2-s14-reg). Default {DEFAULT_BACKBONE}.", rich_help_panel="Backbone")]
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint: DINO/DINOv2/DINOv3 .pth, timm state dict, .safetensors, Leopart .ckpt, STEGO .ckpt or LOCA (flax msgpack); recognised by content, its architecture is read from the file when --backbone is not given (see weights/README.md). Default: timm's pretrained weights (HF cache, torch hub checkpoints folder, else download).", rich_help_panel="Backbone")]
 Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|mps", rich_help_panel="Backbone")]
-Precision = Annotated[str, typer.Option("--precision", help="fp32|bf16|fp16 backbone arithmetic (bf16/fp16: autocast on GPU).", rich_help_panel="Backbone")]
+Precision = Annotated[str, typer.Option("--precision", help="auto|fp32|bf16|fp16 backbone arithmetic (autocast). auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32.", rich_help_panel="Backbone")]
 ShortSide = Annotated[int, typer.Option("--short-side", help="Backbone input short side (aspect kept, multiple of the patch).", rich_help_panel="Backbone")]
 MaxSide = Annotated[int, typer.Option("--max-side", help="Cap on the backbone input long side.", rich_help_panel="Backbone")]
 WorkMaxSide = Annotated[int, typer.Option("--work-max-side", help="Larger images are processed at this long side and their mask upsampled to full size.", rich_help_panel="Backbone")]
@@ -131,7 +131,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", 
 # The options segment and cluster-dataset share, declared once: (parameter, annotated type, default).
 _SHARED_OPTIONS = [
     ("overlay", Overlay, None), ("k", K, 21), ("backbone", Backbone, None), ("weights", Weights, None),
-    ("device", Device, "auto"), ("precision", Precision, "fp32"), ("short_side", ShortSide, 448),
+    ("device", Device, "auto"), ("precision", Precision, "auto"), ("short_side", ShortSide, 448),
     ("max_side", MaxSide, 1344), ("work_max_side", WorkMaxSide, 2048), ("feature", FeatureKind, None),
     ("batch_size", BatchSize, 8), ("threads", Threads, None), ("categories", Categories, None),
     ("fusion", Fusion, "majority"), ("crf", Crf, True), ("crf_max_side", CrfMaxSide, 160), ("assign", Assign, "cls"),
@@ -201,8 +201,8 @@ def _check_run_options(opts: dict) -> SegmentConfig:
 
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(opts["device"]).strip().lower()):
         raise UsageError(f"unknown --device {opts['device']!r}; use auto, cpu, cuda, cuda:N or mps")
-    if str(opts["precision"]).strip().lower() not in ("fp32", "bf16", "fp16"):
-        raise UsageError(f"unknown --precision {opts['precision']!r}; use fp32, bf16 or fp16")
+    if str(opts["precision"]).strip().lower() not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"unknown --precision {opts['precision']!r}; use auto, fp32, bf16 or fp16")
     return _config(opts)
 
 

@@ -98,3 +98,39 @@ def test_stopping_early_stops_the_workers(backbone, images, tmp_path):
     # what was finished is in the cache; the rest is computed by the next pass
     src2, out = run(backbone, images, tmp_path, "stop", batch_size=2, decode_workers=0)
     assert len(out) == len(images) and sum(src2.last_batch_sizes) < 14
+
+
+def test_precision_auto_resolves_from_the_hardware(monkeypatch):
+    import torch
+
+    import segcli.backbone as bb
+    from segcli.errors import UsageError
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16\n"
+    avx = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
+    plain = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    assert bb.cpu_has_native_bf16(amx) and bb.cpu_has_native_bf16(avx) and not bb.cpu_has_native_bf16(plain)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(bb, "cpu_has_native_bf16", lambda: True)
+    assert bb.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(bb, "cpu_has_native_bf16", lambda: False)
+    assert bb.resolve_precision("auto", cpu) == "fp32"
+    assert bb.resolve_precision("AUTO", torch.device("mps")) == "fp32"
+    assert bb.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(UsageError):
+        bb.resolve_precision("fp16", cpu)
+
+
+def test_the_cache_key_holds_the_resolved_precision(tmp_path, monkeypatch):
+    import segcli.backbone as bb
+    from tests.checkpoints import checkpoint_file
+
+    config = SegmentConfig(backbone=TINY, short_side=32, max_side=64)
+    keys = {}
+    for native in (True, False):
+        monkeypatch.setattr(bb, "cpu_has_native_bf16", lambda native=native: native)
+        src = FeatureSource(config, weights=checkpoint_file(TINY, "timm"), device="cpu", precision="auto",
+                            cache_dir=tmp_path)
+        keys[native] = (src.backbone.precision, src.cache.root)
+    assert keys[True][0] == "bf16" and keys[False][0] == "fp32"
+    assert keys[True][1] != keys[False][1]
