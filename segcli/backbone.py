@@ -242,6 +242,31 @@ class Backbone:
 
         self.mean = tuple(float(v) for v in (cfg.get("mean") or IMAGENET_DEFAULT_MEAN))
         self.std = tuple(float(v) for v in (cfg.get("std") or IMAGENET_DEFAULT_STD))
+        self.compiled = False
+
+    def compile(self, cache_dir: str | Path | None = None) -> None:
+        """torch.compile the transformer blocks (``--compile``), with inductor's on-disk cache in ``cache_dir``
+        (unless $TORCHINDUCTOR_CACHE_DIR is set), so later runs reuse the compiled kernels.
+
+        Every block but the last is compiled: the last one keeps its eager forward, where the forward pre-hook
+        that captures the attention input (:mod:`segcli.features`) is registered per call, which a compiled
+        module would have to recompile for. Compiled kernels fuse operations and round differently, so the
+        feature cache keeps compiled features apart (see :class:`segcli.features_source.FeatureSource`).
+        The first batch of every new input shape pays the compilation (seconds to minutes; inductor then
+        switches to dynamic shapes).
+        """
+        import os
+
+        if cache_dir is not None:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+            # torch fills the variable with its default (a /tmp folder) once it has looked; keep a user's own.
+            current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).expanduser().absolute())
+        for block in list(self.model.blocks)[:-1]:
+            block.compile(dynamic=None)
+        self.compiled = True
 
     def __repr__(self) -> str:
         return f"Backbone({self.name!r}, patch={self.patch_size}, dim={self.embed_dim}, device={self.device}, weights={self.weights_id!r})"

@@ -104,6 +104,7 @@ WorkMaxSide = Annotated[int, typer.Option("--work-max-side", help="Larger images
 FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features: keys|queries|values|tokens|code (STEGO's code). Default: keys; tokens for Leopart and LOCA checkpoints, code for STEGO ones.", rich_help_panel="Backbone")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (images are bucketed by input size over a window of max(64, 16 x batch) images, so batches are full; results do not depend on it).", rich_help_panel="Backbone")]
 DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default k-1).", rich_help_panel="Method")]
@@ -139,7 +140,7 @@ _SHARED_OPTIONS = [
     ("min_region", MinRegion, 0.01), ("min_region_px", MinRegionPx, 400), ("max_samples", MaxSamples, 100_000),
     ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
     ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
-    ("decode_workers", DecodeWorkers, None),
+    ("decode_workers", DecodeWorkers, None), ("compile", Compile, False),
 ]
 
 
@@ -231,7 +232,8 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
         torch.set_num_threads(opts["threads"])
     return Segmenter(config, model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
                      precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
-                     batch_size=opts["batch_size"], decode_workers=opts["decode_workers"])
+                     batch_size=opts["batch_size"], decode_workers=opts["decode_workers"],
+                     compile=opts["compile"])
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from segcli.cache import CACHE_FORMAT, FeatureCache, FeatureFolder, ImageFeatures, has_proposal
 from segcli.config import FEATURE_FIELDS, SegmentConfig
-from segcli.errors import BadImageError, InputError, UsageError
+from segcli.errors import BadImageError, InputError, ModelError, SegcliError, UsageError
 from segcli.images import ImageItem, content_digest, load_image
 from segcli.report import Timings
 
@@ -40,6 +40,7 @@ class FeatureSource:
         weights: str | Path | None = None,
         device: str = "auto",
         precision: str = "fp32",
+        compile: bool = False,
         cache_dir: str | Path | None = None,
         batch_size: int = 8,
         decode_workers: int | None = None,
@@ -69,6 +70,8 @@ class FeatureSource:
 
             with self.timings("load model"):
                 self.backbone = load_backbone(config.backbone, weights=weights, device=device, precision=precision)
+        if compile and self.backbone is not None:
+            self.backbone.compile(self.cache_root / "inductor")
         if self.folder is not None:
             if not self.folder.root.is_dir():
                 raise UsageError(f"features folder not found: {self.folder.root}")
@@ -78,7 +81,9 @@ class FeatureSource:
         else:
             self.identity = self.backbone.fingerprint()
             # Precision is part of the key: bf16 features must never be mixed with fp32 ones.
-            namespace = f"{self.identity}-{config.digest(*FEATURE_FIELDS)}-{self.backbone.precision}-v{CACHE_FORMAT}"
+            # So is torch.compile (its fused kernels round differently): same settings, same bytes.
+            compiled = "-compiled" if getattr(self.backbone, "compiled", False) else ""
+            namespace = f"{self.identity}-{config.digest(*FEATURE_FIELDS)}-{self.backbone.precision}{compiled}-v{CACHE_FORMAT}"
             self.cache = FeatureCache(self.cache_root, namespace, warn=lambda message: self.warn(message))
 
     @property
@@ -166,8 +171,15 @@ class FeatureSource:
         for s in slots:
             s.tensor = None  # the batch holds the data now; free each image's copy as early as possible
         with self.timings("forward"):
-            fb = self.backbone.extract(self.backbone.to_device(batch), kind=self.config.feature_kind,
-                                       proposal_heads=self.config.proposal_heads)
+            try:
+                fb = self.backbone.extract(self.backbone.to_device(batch), kind=self.config.feature_kind,
+                                           proposal_heads=self.config.proposal_heads)
+            except Exception as exc:
+                if not getattr(self.backbone, "compiled", False) or isinstance(exc, (KeyboardInterrupt, SegcliError)):
+                    raise
+                from segcli.checkpoints.base import first_line
+
+                raise ModelError(f"--compile: torch.compile failed ({first_line(exc, 160)}); run without --compile") from None
         return [ImageFeatures(
             feats=fb.feats[i].numpy().astype(np.float16),
             cls=fb.cls[i].numpy().astype(np.float32),

@@ -134,3 +134,27 @@ def test_the_cache_key_holds_the_resolved_precision(tmp_path, monkeypatch):
         keys[native] = (src.backbone.precision, src.cache.root)
     assert keys[True][0] == "bf16" and keys[False][0] == "fp32"
     assert keys[True][1] != keys[False][1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("cc", "gcc", "clang")),
+                    reason="torch.compile's CPU backend needs a C compiler")
+def test_compile_gives_the_eager_features_cached_apart(images, tmp_path, monkeypatch):
+    from tests.checkpoints import checkpoint_file
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # compile() sets the variable: undone after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    config = SegmentConfig(backbone=TINY, short_side=32, max_side=64)
+    kw = dict(weights=checkpoint_file(TINY, "timm"), device="cpu", precision="fp32", cache_dir=tmp_path,
+              batch_size=4, decode_workers=1)
+    eager = FeatureSource(config, **kw)
+    compiled = FeatureSource(config, compile=True, **kw)
+    assert compiled.backbone.compiled and compiled.cache.root != eager.cache.root
+    ref = {i.key: f for i, f in eager.features(images[:4])}
+    got = {i.key: f for i, f in compiled.features(images[:4])}
+    assert [*got] == [*ref]
+    for key, f in ref.items():
+        a, b = f.feats.astype(np.float32).ravel(), got[key].feats.astype(np.float32).ravel()
+        assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.9999
+        np.testing.assert_allclose(got[key].cls, f.cls, rtol=1e-3, atol=1e-3)
+    assert (tmp_path / "inductor").is_dir()  # the on-disk kernel cache lives under the --cache folder
