@@ -119,8 +119,8 @@ class FeatureSource:
         the device, while the device stage runs; the decoded inputs are bucketed by backbone input shape over
         a lookahead window of ``lookahead`` images (bounded memory whatever the dataset size), and a bucket
         goes to the device as soon as it holds ``batch_size`` images, so batches are full wherever the window
-        holds enough images of one shape. A partial batch runs only when the oldest image of the window is
-        still waiting in its bucket (or at the end of the input). Each result is written to the cache at
+        holds enough images of one shape. A partial batch runs only when the window is full (or the input
+        ended), nothing in it is still decoding, and the oldest image is still waiting in its bucket. Each result is written to the cache at
         once (by the workers), so an interrupted extraction resumes where it stopped. Results are yielded in
         input order and do not depend on the bucketing: a feature row never depends on the other images of
         its batch (tested byte for byte for any ``batch_size`` and ``decode_workers``).
@@ -300,11 +300,13 @@ class _Schedule:
                     break
                 continue
             if len(window) >= src.lookahead or exhausted:
-                # The oldest image holds the window up: wait for its decode, then run its bucket, full or not.
+                # The oldest image holds the window up. Wait for the next decode (it may fill the oldest image's
+                # bucket, or another one); only when nothing in the window is decoding any more does the oldest
+                # image's bucket run, full or not.
                 front = window[0]
-                if front.pending is not None:
+                if self.decoding:
                     self._collect(block=True)
-                if not front.done and front.tensor is not None:
+                elif not front.done and front.tensor is not None:
                     self._run(tuple(front.tensor.shape))
         while self.writes:  # every cache entry is on disk (or its error raised) before the pass ends
             self.writes.popleft().result()
