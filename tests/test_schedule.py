@@ -158,3 +158,36 @@ def test_compile_gives_the_eager_features_cached_apart(images, tmp_path, monkeyp
         assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.9999
         np.testing.assert_allclose(got[key].cls, f.cls, rtol=1e-3, atol=1e-3)
     assert (tmp_path / "inductor").is_dir()  # the on-disk kernel cache lives under the --cache folder
+
+
+@pytest.mark.slow
+def test_same_masks_and_model_for_any_batch_size_and_decode_workers(tmp_path):
+    """Item 6 for the feature stage: the model file and every mask are byte-identical whatever --batch-size and
+    --decode-workers (each run has its own cache, so every feature is computed under that schedule)."""
+    from typer.testing import CliRunner
+
+    from segcli.cli import app
+    from segcli.model_file import SegModel
+    from tests.checkpoints import checkpoint_file
+    from tests.test_cli_backbone import scene
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(9):
+        scene(*SIZES[i % 3], seed=200 + i).save(images / f"s{i}.png")
+    runner = CliRunner()
+    outputs = {}
+    for name, extra in {"serial": ["--batch-size", "1", "--decode-workers", "0"],
+                        "batched": ["--batch-size", "4", "--decode-workers", "2"]}.items():
+        args = ["cluster-dataset", images, "--out", tmp_path / f"{name}.segcli", "--masks", tmp_path / name,
+                "--weights", checkpoint_file(TINY, "timm"), "--cache", tmp_path / f"cache-{name}", "--k", "3",
+                "--short-side", "224", "--max-side", "448", "--crf-max-side", "64", "--device", "cpu",
+                "--precision", "fp32", "--fusion", "any", "--regions", "whole", "--quiet", *extra]
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        outputs[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.png"))}
+        # safetensors orders its JSON header at random: the model's identity is its arrays and sorted metadata
+        model = SegModel.load(tmp_path / f"{name}.segcli")
+        outputs[name]["model"] = (model.digest(), {k: v.tobytes() for k, v in model.tensors().items()})
+    assert len(outputs["serial"]) == 10
+    assert outputs["batched"] == outputs["serial"]
