@@ -97,12 +97,14 @@ def _main(
 Backbone = Annotated[Optional[str], typer.Option("--backbone", "-b", help=f"timm model name or alias (dino-s16, dino-s8, dino-b16, dino-b8, dinov2-s14, dinov2-s14-reg). Default {DEFAULT_BACKBONE}.", rich_help_panel="Backbone")]
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint: DINO/DINOv2/DINOv3 .pth, timm state dict, .safetensors, Leopart .ckpt, STEGO .ckpt or LOCA (flax msgpack); recognised by content, its architecture is read from the file when --backbone is not given (see weights/README.md). Default: timm's pretrained weights (HF cache, torch hub checkpoints folder, else download).", rich_help_panel="Backbone")]
 Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|mps", rich_help_panel="Backbone")]
-Precision = Annotated[str, typer.Option("--precision", help="fp32|bf16|fp16 backbone arithmetic (bf16/fp16: autocast on GPU).", rich_help_panel="Backbone")]
+Precision = Annotated[str, typer.Option("--precision", help="auto|fp32|bf16|fp16 backbone arithmetic (autocast). auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32.", rich_help_panel="Backbone")]
 ShortSide = Annotated[int, typer.Option("--short-side", help="Backbone input short side (aspect kept, multiple of the patch).", rich_help_panel="Backbone")]
 MaxSide = Annotated[int, typer.Option("--max-side", help="Cap on the backbone input long side.", rich_help_panel="Backbone")]
 WorkMaxSide = Annotated[int, typer.Option("--work-max-side", help="Larger images are processed at this long side and their mask upsampled to full size.", rich_help_panel="Backbone")]
 FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features: keys|queries|values|tokens|code (STEGO's code). Default: keys; tokens for Leopart and LOCA checkpoints, code for STEGO ones.", rich_help_panel="Backbone")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (same-size images are batched).", rich_help_panel="Backbone")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (images are bucketed by input size over a window of max(64, 16 x batch) images, so batches are full; results do not depend on it).", rich_help_panel="Backbone")]
+DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default: the number of thing classes, k-1, or k-N with --stuff N).", rich_help_panel="Method")]
@@ -132,7 +134,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", 
 # The options segment and cluster-dataset share, declared once: (parameter, annotated type, default).
 _SHARED_OPTIONS = [
     ("overlay", Overlay, None), ("k", K, 21), ("backbone", Backbone, None), ("weights", Weights, None),
-    ("device", Device, "auto"), ("precision", Precision, "fp32"), ("short_side", ShortSide, 448),
+    ("device", Device, "auto"), ("precision", Precision, "auto"), ("short_side", ShortSide, 448),
     ("max_side", MaxSide, 1344), ("work_max_side", WorkMaxSide, 2048), ("feature", FeatureKind, None),
     ("batch_size", BatchSize, 8), ("threads", Threads, None), ("categories", Categories, None),
     ("fusion", Fusion, "majority"), ("crf", Crf, True), ("refine", Refine, SegmentConfig.refine),
@@ -142,6 +144,7 @@ _SHARED_OPTIONS = [
     ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
     ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
     ("stuff", Stuff, 0),
+    ("decode_workers", DecodeWorkers, None), ("compile", Compile, False),
 ]
 
 
@@ -198,12 +201,14 @@ def _check_run_options(opts: dict) -> SegmentConfig:
         raise UsageError(f"--threads must be between 1 and 4096, got {opts['threads']}")
     if opts["batch_size"] < 1:
         raise UsageError(f"--batch-size must be at least 1, got {opts['batch_size']}")
+    if opts["decode_workers"] is not None and not 0 <= opts["decode_workers"] <= 256:
+        raise UsageError(f"--decode-workers must be between 0 and 256, got {opts['decode_workers']}")
     import re
 
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(opts["device"]).strip().lower()):
         raise UsageError(f"unknown --device {opts['device']!r}; use auto, cpu, cuda, cuda:N or mps")
-    if str(opts["precision"]).strip().lower() not in ("fp32", "bf16", "fp16"):
-        raise UsageError(f"unknown --precision {opts['precision']!r}; use fp32, bf16 or fp16")
+    if str(opts["precision"]).strip().lower() not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"unknown --precision {opts['precision']!r}; use auto, fp32, bf16 or fp16")
     return _config(opts)
 
 
@@ -232,7 +237,8 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
         torch.set_num_threads(opts["threads"])
     return Segmenter(config, model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
                      precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
-                     batch_size=opts["batch_size"])
+                     batch_size=opts["batch_size"], decode_workers=opts["decode_workers"],
+                     compile=opts["compile"])
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:

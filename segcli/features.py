@@ -130,8 +130,10 @@ def project_qkv(attn_module: torch.nn.Module, x: torch.Tensor, rope: torch.Tenso
 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of the CLS query (token 0) to all N tokens, per head: (B, H, N), rows sum to 1."""
-    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N): only the CLS row, never N x N
-    return logits.softmax(dim=-1)[:, :, 0]
+    # Only the CLS row, never N x N; an element-wise product and sum rather than a batched matmul, whose
+    # kernel choice depends on the batch size: this way an image's map is bit-identical in any batch.
+    logits = ((q[:, :, :1] * scale) * k).sum(dim=-1)  # (B, H, N)
+    return logits.softmax(dim=-1)
 
 
 def _heads_to_patches(x: torch.Tensor) -> torch.Tensor:
@@ -231,12 +233,32 @@ def compute_features(backbone: "Backbone", batch: torch.Tensor, kind: str = "key
             attn_map = attn[:, n_prefix:].reshape(B, h, w)
         else:
             attn_map = pca_saliency(feats)
-        return FeatureBatch(
-            feats=feats.to("cpu", torch.float32).contiguous(),
-            cls=cls.to("cpu", torch.float32).contiguous(),
-            attn=attn_map.to("cpu", torch.float32).contiguous(),
-            proposal=proposal,
-        )
+        feats, cls, attn_map, proposal = to_host(feats, cls, attn_map, proposal)
+        return FeatureBatch(feats=feats, cls=cls, attn=attn_map, proposal=proposal)
+
+
+def to_host(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Device results as contiguous CPU tensors (float32 for floating point ones).
+
+    On CUDA every copy is queued non-blocking into pinned memory and the host waits once for all of them,
+    instead of one synchronising copy per tensor."""
+    out: list[torch.Tensor | None] = []
+    cuda = any(t is not None and t.device.type == "cuda" for t in tensors)
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        if t.is_floating_point():
+            t = t.float()
+        if cuda and t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        else:
+            out.append(t.to("cpu").contiguous())
+    if cuda:
+        torch.cuda.current_stream().synchronize()
+    return out
 
 
 def extract_features(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -14,7 +16,7 @@ import numpy as np
 
 from segcli.cache import CACHE_FORMAT, FeatureCache, FeatureFolder, ImageFeatures, has_proposal
 from segcli.config import FEATURE_FIELDS, SegmentConfig
-from segcli.errors import BadImageError, InputError, UsageError
+from segcli.errors import BadImageError, InputError, ModelError, SegcliError, UsageError
 from segcli.images import ImageItem, content_digest, load_image
 from segcli.report import Timings
 
@@ -38,8 +40,11 @@ class FeatureSource:
         weights: str | Path | None = None,
         device: str = "auto",
         precision: str = "fp32",
+        compile: bool = False,
         cache_dir: str | Path | None = None,
         batch_size: int = 8,
+        decode_workers: int | None = None,
+        lookahead: int | None = None,
         timings: Timings | None = None,
         backbone=None,
         warn: Callable[[str], None] | None = None,
@@ -51,8 +56,13 @@ class FeatureSource:
         self.warn = warn or (lambda message: None)
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.batch_size = max(1, int(batch_size))
+        # Background decode threads (None: default_decode_workers(); 0: decode in the calling thread) and the
+        # number of images the scheduler may hold at once (None: default_lookahead(batch_size)).
+        self.decode_workers = default_decode_workers() if decode_workers is None else max(0, int(decode_workers))
+        self.lookahead = max(self.batch_size, int(lookahead) if lookahead is not None else default_lookahead(self.batch_size))
         self.timings = timings or Timings()
         self._digests: dict[str, str] = {}
+        self.last_batch_sizes: list[int] = []  # device batch sizes of the last features() pass (statistics)
         self.folder = FeatureFolder(Path(features_dir)) if features_dir else None
         self.backbone = backbone
         if self.folder is None and self.backbone is None:
@@ -60,6 +70,8 @@ class FeatureSource:
 
             with self.timings("load model"):
                 self.backbone = load_backbone(config.backbone, weights=weights, device=device, precision=precision)
+        if compile and self.backbone is not None:
+            self.backbone.compile(self.cache_root / "inductor")
         if self.folder is not None:
             if not self.folder.root.is_dir():
                 raise UsageError(f"features folder not found: {self.folder.root}")
@@ -69,7 +81,9 @@ class FeatureSource:
         else:
             self.identity = self.backbone.fingerprint()
             # Precision is part of the key: bf16 features must never be mixed with fp32 ones.
-            namespace = f"{self.identity}-{config.digest(*FEATURE_FIELDS)}-{self.backbone.precision}-v{CACHE_FORMAT}"
+            # So is torch.compile (its fused kernels round differently): same settings, same bytes.
+            compiled = "-compiled" if getattr(self.backbone, "compiled", False) else ""
+            namespace = f"{self.identity}-{config.digest(*FEATURE_FIELDS)}-{self.backbone.precision}{compiled}-v{CACHE_FORMAT}"
             self.cache = FeatureCache(self.cache_root, namespace, warn=lambda message: self.warn(message))
 
     @property
@@ -98,63 +112,84 @@ class FeatureSource:
             return False
 
     def features(self, items: Iterable[ImageItem]) -> Iterator[tuple[ImageItem, ImageFeatures | BadImageError]]:
-        """Features of each item in order, or the error that makes it unusable.
+        """Features of each item in input order, or the error that makes it unusable.
 
-        Uncached images are run through the backbone in batches of equal input size (a GPU needs batches;
-        VOC-like folders have a handful of distinct sizes), and each result is written to the cache at
-        once, so an interrupted extraction resumes where it stopped.
+        The schedule (README "Keeping an accelerator busy"): cached features are read in this thread; images
+        that need the backbone are decoded and preprocessed by ``decode_workers`` background threads, ahead of
+        the device, while the device stage runs; the decoded inputs are bucketed by backbone input shape over
+        a lookahead window of ``lookahead`` images (bounded memory whatever the dataset size), and a bucket
+        goes to the device as soon as it holds ``batch_size`` images, so batches are full wherever the window
+        holds enough images of one shape. A partial batch runs only when the window is full (or the input
+        ended), nothing in it is still decoding, and the oldest image is still waiting in its bucket. Each result is written to the cache at
+        once (by the workers), so an interrupted extraction resumes where it stopped. Results are yielded in
+        input order and do not depend on the bucketing: a feature row never depends on the other images of
+        its batch (tested byte for byte for any ``batch_size`` and ``decode_workers``).
         """
-        chunk: list[ImageItem] = []
-        for item in items:
-            chunk.append(item)
-            if len(chunk) >= self.batch_size:
-                yield from self._chunk(chunk)
-                chunk = []
-        if chunk:
-            yield from self._chunk(chunk)
+        plan = _Schedule(self)
+        try:
+            yield from plan.run(items)
+        finally:
+            plan.close()
 
-    def _chunk(self, items: list[ImageItem]) -> list[tuple[ImageItem, ImageFeatures | BadImageError]]:
-        results: dict[str, ImageFeatures | BadImageError] = {}
-        todo: list[tuple[ImageItem, object]] = []
-        for item in items:
+    def _admit(self, item: ImageItem) -> "_Slot":
+        """An item entering the window: resolved at once (features file, cache hit, unreadable), else to decode."""
+        slot = _Slot(item)
+        try:
+            if self.folder is not None:
+                with self.timings("feature io"):
+                    slot.result = self._fix_dims(self.folder.load(item.key, item.path, self.dims))
+                return slot
+            digest = self.item_id(item)
+            with self.timings("feature io"):
+                cached = self.cache.load(digest, self.dims)
+            if cached is not None:
+                slot.result = self._fix_dims(cached)
+        except BadImageError as exc:
+            slot.result = exc
+        return slot
+
+    def _prepare(self, item: ImageItem):
+        """Decode and preprocess one image for the backbone: the host work done ahead of the device.
+
+        Returns the normalised (3, H', W') float32 tensor, or the BadImageError that makes the image unusable.
+        Runs in a decode worker (or inline with ``decode_workers=0``); timings are per-stage CPU seconds summed
+        over the workers.
+        """
+        try:
+            with self.timings("load images"):
+                rgb = load_image(item.path, self.config.work_max_side).rgb
+            with self.timings("preprocess"):
+                return self.backbone.prepare(rgb, self.config.short_side, self.config.max_side)
+        except BadImageError as exc:
+            return exc
+
+    def _device_batch(self, slots: list["_Slot"]) -> list[ImageFeatures]:
+        """One backbone forward over a batch of same-shape inputs (the device stage), results on the host."""
+        import torch
+
+        batch = torch.stack([s.tensor for s in slots])
+        for s in slots:
+            s.tensor = None  # the batch holds the data now; free each image's copy as early as possible
+        with self.timings("forward"):
             try:
-                if self.folder is not None:
-                    with self.timings("feature io"):
-                        results[item.key] = self._fix_dims(self.folder.load(item.key, item.path, self.dims))
-                    continue
-                digest = self.item_id(item)
-                with self.timings("feature io"):
-                    cached = self.cache.load(digest, self.dims)
-                if cached is not None:
-                    results[item.key] = self._fix_dims(cached)
-                    continue
-                with self.timings("load images"):
-                    rgb = load_image(item.path, self.config.work_max_side).rgb
-                with self.timings("preprocess"):
-                    tensor = self.backbone.prepare(rgb, self.config.short_side, self.config.max_side)
-                todo.append((item, tensor))
-            except BadImageError as exc:
-                results[item.key] = exc
-        groups: dict[tuple, list[tuple[ImageItem, object]]] = {}
-        for item, tensor in todo:
-            groups.setdefault(tuple(tensor.shape), []).append((item, tensor))
-        for group in groups.values():
-            import torch
-
-            with self.timings("forward"):
-                fb = self.backbone.extract(torch.stack([t for _, t in group]), kind=self.config.feature_kind,
+                fb = self.backbone.extract(self.backbone.to_device(batch), kind=self.config.feature_kind,
                                            proposal_heads=self.config.proposal_heads)
-            for i, (item, _) in enumerate(group):
-                f = ImageFeatures(
-                    feats=fb.feats[i].numpy().astype(np.float16),
-                    cls=fb.cls[i].numpy().astype(np.float32),
-                    attn=fb.attn[i].numpy().astype(np.float16),
-                    proposal=None if fb.proposal is None else fb.proposal[i].numpy().astype(bool),
-                )
-                with self.timings("feature io"):
-                    self.cache.save(self.item_id(item), f)
-                results[item.key] = self._fix_dims(f)
-        return [(item, results[item.key]) for item in items]
+            except Exception as exc:
+                if not getattr(self.backbone, "compiled", False) or isinstance(exc, (KeyboardInterrupt, SegcliError)):
+                    raise
+                from segcli.checkpoints.base import first_line
+
+                raise ModelError(f"--compile: torch.compile failed ({first_line(exc, 160)}); run without --compile") from None
+        return [ImageFeatures(
+            feats=fb.feats[i].numpy().astype(np.float16),
+            cls=fb.cls[i].numpy().astype(np.float32),
+            attn=fb.attn[i].numpy().astype(np.float16),
+            proposal=None if fb.proposal is None else fb.proposal[i].numpy().astype(bool),
+        ) for i in range(len(slots))]
+
+    def _save(self, item: ImageItem, f: ImageFeatures) -> None:
+        with self.timings("feature io"):
+            self.cache.save(self.item_id(item), f)
 
     def check_proposals(self, items: list[ImageItem]) -> None:
         """Fail before any work when ``--prior maskdistill``/``vote`` cannot get a proposal for these images.
@@ -182,3 +217,140 @@ class FeatureSource:
     def embed_crops(self, crops: list[np.ndarray]) -> np.ndarray:
         with self.timings("crop forward"):
             return self.backbone.embed_crops(crops, size=self.config.crop_size, batch_size=max(self.batch_size, 16))
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def default_decode_workers() -> int:
+    """Decode threads by default: the cores this process may use minus one (for the device stage), 1 to 8.
+
+    Threads, not processes: PIL's decoders and resampling and torch's element-wise ops release the GIL, the
+    prepared tensors need no pickling, and only the calling thread runs the backbone, so the torch thread
+    count of the backbone is the same whatever the number of workers (it changes fp16 feature values).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores - 1))
+
+
+def default_lookahead(batch_size: int) -> int:
+    """Images the scheduler holds at once (decoding, waiting in a shape bucket, or finished but not yet
+    yielded): 16 batches, at least 64. At the default 448-pixel short side a prepared image is 2.5-7 MB, so
+    the default window holds at most ~0.5 GB at --batch-size 8."""
+    return max(64, 16 * max(1, int(batch_size)))
+
+
+class _Slot:
+    """One image in the scheduler's window: decoding (``pending``), waiting in a bucket (``tensor``), or done."""
+
+    __slots__ = ("item", "result", "pending", "tensor")
+
+    def __init__(self, item: ImageItem) -> None:
+        self.item = item
+        self.result: ImageFeatures | BadImageError | None = None
+        self.pending: Future | None = None
+        self.tensor = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+class _Schedule:
+    """One pass of :meth:`FeatureSource.features`: a bounded window of images in input order, decode workers
+    ahead of it, shape buckets feeding the device stage (the calling thread), and cache writes behind it."""
+
+    def __init__(self, source: FeatureSource) -> None:
+        self.src = source
+        threads = source.decode_workers if source.folder is None else 0
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="segcli-decode") if threads > 0 else None
+        self.window: deque[_Slot] = deque()
+        self.decoding: deque[_Slot] = deque()  # slots whose decode was submitted, in admission order
+        self.buckets: dict[tuple, list[_Slot]] = {}
+        self.writes: deque[Future] = deque()
+        self.batch_sizes: list[int] = []  # the size of every device batch, for the benchmark's statistics
+
+    def run(self, items: Iterable[ImageItem]) -> Iterator[tuple[ImageItem, ImageFeatures | BadImageError]]:
+        src, window = self.src, self.window
+        it = iter(items)
+        exhausted = False
+        while True:
+            while not exhausted and len(window) < src.lookahead:
+                item = next(it, None)
+                if item is None:
+                    exhausted = True
+                    break
+                slot = src._admit(item)
+                window.append(slot)
+                if not slot.done:
+                    if self.pool is None:
+                        self._bucket(slot, src._prepare(item))
+                    else:
+                        slot.pending = self.pool.submit(src._prepare, item)
+                        self.decoding.append(slot)
+            self._collect(block=False)
+            while window and window[0].done:
+                slot = window.popleft()
+                yield slot.item, slot.result
+            if not window:
+                if exhausted:
+                    break
+                continue
+            if len(window) >= src.lookahead or exhausted:
+                # The oldest image holds the window up. Wait for the next decode (it may fill the oldest image's
+                # bucket, or another one); only when nothing in the window is decoding any more does the oldest
+                # image's bucket run, full or not.
+                front = window[0]
+                if self.decoding:
+                    self._collect(block=True)
+                elif not front.done and front.tensor is not None:
+                    self._run(tuple(front.tensor.shape))
+        while self.writes:  # every cache entry is on disk (or its error raised) before the pass ends
+            self.writes.popleft().result()
+
+    def _collect(self, block: bool) -> None:
+        """Bucket finished decodes in admission order (so batches do not depend on thread timing); with
+        ``block``, wait for the oldest one first."""
+        while self.decoding:
+            slot = self.decoding[0]
+            if not block and not slot.pending.done():
+                break
+            prepared = slot.pending.result()
+            self.decoding.popleft()
+            slot.pending = None
+            self._bucket(slot, prepared)
+            block = False
+        while self.writes and self.writes[0].done():
+            self.writes.popleft().result()  # a failed cache write fails the run here, as it would inline
+
+    def _bucket(self, slot: _Slot, prepared) -> None:
+        if isinstance(prepared, BadImageError):
+            slot.result = prepared
+            return
+        slot.tensor = prepared
+        shape = tuple(prepared.shape)
+        group = self.buckets.setdefault(shape, [])
+        group.append(slot)
+        if len(group) >= self.src.batch_size:
+            self._run(shape)
+
+    def _run(self, shape: tuple) -> None:
+        """The device stage: one forward over the bucket of this input shape, then its cache writes."""
+        group = self.buckets.pop(shape)
+        self.batch_sizes.append(len(group))
+        for slot, f in zip(group, self.src._device_batch(group)):
+            slot.result = self.src._fix_dims(f)
+            if self.pool is None:
+                self.src._save(slot.item, f)
+            else:
+                self.writes.append(self.pool.submit(self.src._save, slot.item, f))
+
+    def close(self) -> None:
+        """Stop the workers: queued decodes and writes are dropped (an interrupted run resumes from the cache),
+        running ones finish (one image each)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.src.last_batch_sizes = list(self.batch_sizes)

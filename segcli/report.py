@@ -6,6 +6,7 @@ silent one (or their own subclass).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -68,6 +69,8 @@ class Timings:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        # Stages also run in background threads (decode workers, cache writes): add under a lock.
+        self._lock = threading.Lock()
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -75,7 +78,9 @@ class Timings:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self.seconds[stage] += dt
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.seconds)

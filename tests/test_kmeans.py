@@ -8,7 +8,7 @@ from sklearn.metrics import adjusted_rand_score
 import segcli.kmeans as km_mod
 from segcli.kmeans import KMeans, assign_nearest, cluster_embeddings, faiss_available
 
-BACKENDS = ["numpy", "sklearn", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss not installed"))]
+BACKENDS = ["numpy", "sklearn", "torch", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss not installed"))]
 
 
 def blobs(n_per=150, k=4, d=16, spread=0.05, seed=0, normalise=False):
@@ -218,3 +218,39 @@ def test_threads_give_same_centres_and_restore_blas_threads():
     assert blas_threads() == before
     for X, centres in zip(Xs, parallel):
         assert np.array_equal(centres, KMeans(2, seed=0).fit(X).cluster_centers_)
+
+
+def test_torch_engine_matches_the_numpy_engine():
+    """The torch engine (the device path of large fits, here on the CPU) runs the numpy engine's algorithm:
+    same partition on separable data, and an inertia as good on structureless data."""
+    X, y = blobs(n_per=300, k=6, d=32, spread=0.2)
+    a = KMeans(6, seed=3, backend="numpy").fit(X)
+    b = KMeans(6, seed=3, backend="torch").fit(X)
+    assert b.backend_ == "torch"
+    assert adjusted_rand_score(a.predict(X), b.predict(X)) == 1.0
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-5)
+    noise = np.random.default_rng(1).standard_normal((3000, 24)).astype(np.float32)
+    inertia = {e: KMeans(8, seed=0, backend=e).fit(noise).inertia_ for e in ("numpy", "sklearn", "torch")}
+    assert inertia["torch"] <= 1.02 * min(inertia["numpy"], inertia["sklearn"]), inertia
+
+
+def test_torch_engine_blocks_and_empty_clusters(monkeypatch):
+    """Results do not depend on the row blocking, and clusters that empty are re-seeded."""
+    X, _ = blobs(n_per=200, k=5, d=8, spread=0.3)
+    whole = KMeans(5, seed=0, backend="torch").fit(X).cluster_centers_
+    monkeypatch.setattr(km_mod, "_TORCH_BLOCK_ROWS", 97)
+    np.testing.assert_allclose(KMeans(5, seed=0, backend="torch").fit(X).cluster_centers_, whole, atol=1e-5)
+    dup = np.repeat(np.eye(3, dtype=np.float32), 50, axis=0)
+    model = KMeans(3, seed=0, backend="torch").fit(dup)
+    assert sorted(map(tuple, model.cluster_centers_.round(6))) == sorted(map(tuple, np.eye(3, dtype=np.float32)))
+
+
+def test_auto_puts_large_fits_on_the_device(monkeypatch):
+    monkeypatch.setattr(km_mod, "_NUMPY_MAX_WORK", 0)
+    monkeypatch.setattr(km_mod, "_cuda_available", lambda: True)
+    monkeypatch.setattr(km_mod, "_faiss_gpus", lambda: 0)
+    assert KMeans(4)._choose_backend(1000, 16, 4) == "torch"
+    monkeypatch.setattr(km_mod, "_faiss_gpus", lambda: 1)
+    assert KMeans(4)._choose_backend(1000, 16, 4) == "faiss"
+    monkeypatch.setattr(km_mod, "_cuda_available", lambda: False)
+    assert KMeans(4)._choose_backend(1000, 16, 4) in ("faiss", "sklearn")

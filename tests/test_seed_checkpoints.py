@@ -77,7 +77,8 @@ def files(tmp_path_factory) -> dict:
 
 def capture_cli_features(monkeypatch, tmp_path: Path, images: Path, weights: Path, *extra) -> tuple[Backbone, torch.Tensor, object]:
     """Run the CLI's feature extraction (cluster-dataset --shard 1/1) and keep the backbone, its input and its
-    float32 FeatureBatch (the cache stores float16)."""
+    float32 FeatureBatch (the cache stores float16). In fp32: the default, auto, is bf16 on CPUs with native
+    bf16, and the references here are fp32 forwards."""
     seen = {}
     extract = Backbone.extract
 
@@ -88,7 +89,7 @@ def capture_cli_features(monkeypatch, tmp_path: Path, images: Path, weights: Pat
 
     monkeypatch.setattr(Backbone, "extract", spy)
     ok(cli("cluster-dataset", images, "--shard", "1/1", "--weights", weights, "--cache", tmp_path / "cache",
-           "--short-side", 256, "--max-side", 320, "--batch-size", 1, *FAST, *extra))
+           "--short-side", 256, "--max-side", 320, "--batch-size", 1, "--precision", "fp32", *FAST, *extra))
     return seen["run"]
 
 
