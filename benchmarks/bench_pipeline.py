@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=21)
     ap.add_argument("--no-crf", action="store_true")
     ap.add_argument("--crf-max-side", type=int, default=160)
+    ap.add_argument("--refine", default=None, help="meanfield | densecrf | none (default: segcli's default)")
     args = ap.parse_args()
 
     import torch
@@ -59,7 +60,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = args.weights or random_checkpoint(args.backbone, tmp)
-        cfg = SegmentConfig(backbone=args.backbone, k=args.k, crf=not args.no_crf, crf_max_side=args.crf_max_side)
+        cfg = SegmentConfig(backbone=args.backbone, k=args.k, crf=not args.no_crf, crf_max_side=args.crf_max_side,
+                            refine=args.refine or SegmentConfig.refine)
         backbone = load_backbone(cfg.backbone, weights=weights, device=args.device, precision=args.precision)
         items = discover_images(args.images)
 
@@ -98,7 +100,8 @@ def main() -> None:
     needed = bare + crop
     print(f"segcli pipeline benchmark: {len(items)} images from {args.images}, backbone {cfg.backbone} "
           f"({'given weights' if args.weights else 'random weights'}), device {backbone.device}, precision {args.precision}, "
-          f"torch threads {torch.get_num_threads()}, crf {'off' if args.no_crf else f'at long side {args.crf_max_side}'}")
+          f"torch threads {torch.get_num_threads()}, refine {'none' if args.no_crf else cfg.refine}"
+          f"{f' at long side {args.crf_max_side}' if cfg.refine == 'densecrf' and not args.no_crf else ''}")
     print(f"{'stage':<22}{'seconds':>10}{'share':>9}")
     for name, sec in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"{name:<22}{sec:>10.3f}{sec / whole:>9.1%}")
