@@ -35,7 +35,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "precision_cpu.json")
     args = ap.parse_args()
 
-    import numpy as np
 
     import segcli.compat  # noqa: F401
     from bench_pipeline import random_checkpoint

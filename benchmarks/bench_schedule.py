@@ -186,7 +186,7 @@ def main() -> None:
         print(f"{label:>12} {rate:8.1f} {batch:6.2f} {host:12.1f} {device:10.2f} {bound:8.1f} {eff:6.2f}")
     stages = "  ".join(f"{k} {results['old']['host_s_per_image'][k] * 1000:.1f}" for k in HOST_STAGES)
     print(f"host stages of the old schedule, ms/image: {stages}")
-    print(f"speed-up of the new schedule over the old: " + ", ".join(
+    print("speed-up of the new schedule over the old: " + ", ".join(
         f"W={w}: {results[str(w)]['images_per_s'] / results['old']['images_per_s']:.2f}x" for w in args.workers))
     out = args.json or REPO / "benchmarks" / "results" / (
         f"schedule_sim{args.simulate_device:g}ms.json" if args.simulate_device is not None else "schedule_cpu.json")

@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from typer.testing import CliRunner
 
-from segcli.cli import app
 from segcli.outputs import read_label_png
 from tests.checkpoints import SMALL, checkpoint_file
+from tests.cli_helpers import cli, ok, pngs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -41,17 +40,6 @@ FAST = ["--short-side", 64, "--max-side", 128, "--crf-max-side", 64, "--work-max
 FAST_EXAMPLES = ["--short-side", 64, "--max-side", 128, "--crf-max-side", 64, "--work-max-side", 512, "--device", "cpu", "--quiet"]
 # Every image gets a foreground region (see the module docstring).
 METHOD = ["--fusion", "any", "--regions", "whole"]
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result, code: int = 0):
-    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def ckpt(layout: str = "timm", seed: int = 0) -> Path:
@@ -66,10 +54,6 @@ def display_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image as displayed (EXIF orientation applied)."""
     with Image.open(path) as im:
         return ImageOps.exif_transpose(im).size
-
-
-def pngs(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
 
 def feature_files(cache: Path) -> list[Path]:

@@ -10,29 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from segcli.cli import app
 from segcli.outputs import read_label_png
 from tests.checkpoints import SMALL, checkpoint_file
 from tests.synthetic import PATCH, make_dataset, matched_miou
+from tests.cli_helpers import cli, ok, pngs
 
 VOC_MINI = Path(os.environ.get("SEGCLI_VOC_MINI", "/work/shared/data/voc-mini"))
 FAST = ["--short-side", 64, "--max-side", 128, "--crf-max-side", 64, "--work-max-side", 256, "--device", "cpu", "--quiet"]
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result, code: int = 0):
-    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}\n{result.exception!r}"
-    return result
-
-
-def pngs(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
 
 def model_meta(path: Path) -> dict:

@@ -19,7 +19,7 @@ from segcli.config import REFINE_METHODS, SegmentConfig
 from segcli.crf import crf_available
 from segcli.foreground import fuse
 from segcli.pipeline import upsample
-from segcli.refine import RefineFallbackWarning, RefineParams, refine_labels, refine_mask, refine_probs
+from segcli.refine import RefineFallbackWarning, refine_labels, refine_mask, refine_probs
 
 ROOT = Path(__file__).resolve().parents[1]
 VOC_MINI = ROOT.parent / "shared" / "data" / "voc-mini"

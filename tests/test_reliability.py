@@ -11,18 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from segcli.cli import app
 from tests.corrupt import MODES, damage, npz_arrays, write_npz
 from tests.synthetic import make_dataset
+from tests.cli_helpers import cli, pngs
 
-runner = CliRunner()
 FEATURE_ARGS = ["--k", 4, "--assign", "pooled", "--quiet"]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def err_lines(result) -> list[str]:
@@ -40,10 +34,6 @@ def one_line(result, prefix: str = "segcli: error: ") -> str:
 def tree_digest(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def pngs(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from segcli.cli import app
 from segcli.outputs import is_complete_png
 from tests.synthetic import make_dataset
-
-runner = CliRunner()
-
-
-def cli(*args) -> "object":
-    return runner.invoke(app, [str(a) for a in args])
+from tests.cli_helpers import cli
 
 
 def one_line_error(result) -> str:
@@ -117,7 +110,7 @@ def test_bad_shard_and_missing_out(data, tmp_path):
 
 
 def test_debug_shows_traceback(tmp_path):
-    r = runner.invoke(app, ["--debug", "segment", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--features", str(tmp_path)])
+    r = cli("--debug", "segment", tmp_path / "nope", "--out", tmp_path / "o", "--features", tmp_path)
     assert r.exit_code != 0
     assert r.exception is not None and not isinstance(r.exception, SystemExit)
 

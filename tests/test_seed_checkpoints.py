@@ -14,33 +14,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from typer.testing import CliRunner
 
 from segcli.backbone import Backbone, load_backbone
 from segcli.checkpoints import open_checkpoint
-from segcli.cli import app
 from segcli.errors import ModelError
 from segcli.features import pca_saliency
 from segcli.model_file import SegModel
 from segcli.outputs import read_label_png
 from tests.checkpoints import save_checkpoint
+from tests.cli_helpers import cli, ok
 from tests.seed_checkpoints import (
     LEOPART, PICKLED_LAYOUTS, fake_modules, leopart_tensors, save_leopart, save_loca, save_malicious, save_stego,
 )
 
-runner = CliRunner()
 FAST = ["--device", "cpu", "--quiet", "--crf-max-side", 64, "--work-max-side", 256, "--fusion", "any", "--regions", "whole"]
 DINOV3 = "vit_small_patch16_dinov3.lvd1689m"
 TOL = 1e-5
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result, code: int = 0):
-    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def scene(path: Path, w: int, h: int, seed: int) -> Path:
