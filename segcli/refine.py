@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from segcli.config import REFINE_METHODS
+from segcli.crf import CRFParams  # the dense CRF's parameters, in one place (pydensecrf itself is imported lazily)
 
 __all__ = ["REFINE_METHODS", "RefineParams", "refine_probs", "refine_labels", "refine_foreground_torch", "refine_mask",
            "RefineFallbackWarning"]
@@ -46,13 +47,14 @@ _DENSE_VERTICES = 1 << 22  # (cell, colour) table size up to which grid neighbou
 
 @dataclass(frozen=True)
 class RefineParams:
-    """Kernel widths in full-size pixels and 0-255 colour levels, like :class:`segcli.crf.CRFParams`."""
+    """Kernel widths in full-size pixels and 0-255 colour levels: :class:`segcli.crf.CRFParams`' energy, plus the
+    bilateral grid's own resolution (which stands in for the colour width ``bilateral_srgb``)."""
 
-    iterations: int = 10
-    gauss_sxy: float = 1.0
-    gauss_compat: float = 3.0
-    bilateral_sxy: float = 67.0
-    bilateral_compat: float = 4.0
+    iterations: int = CRFParams.iterations
+    gauss_sxy: float = CRFParams.gauss_sxy
+    gauss_compat: float = CRFParams.gauss_compat
+    bilateral_sxy: float = CRFParams.bilateral_sxy
+    bilateral_compat: float = CRFParams.bilateral_compat
     bin_width: float = 8.0  # colour bin of the grid, levels per channel (benchmark: 6-10 trade VOC against CamVid)
     cell: float = 0.5  # grid cell side, in bilateral sxy
     max_side: int = 2048  # larger inputs are refined at this long side
