@@ -175,6 +175,7 @@ def main() -> None:
     if not results:
         raise SystemExit("no dataset found: give --voc and/or --camvid")
 
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
     print(f"oracle features: dim {args.dim}, noise {args.noise}, thing attention x{args.thing_attention}, seed {args.seed}; "
           "dataset-level Hungarian mIoU (segcli.evaluate, full resolution)")
     print(f"{'dataset':<8}{'images':>7}{'k':>4}{'stuff':>6}{'k-means floor':>15}{'segcli':>9}{'  pixel acc (floor / segcli)':>30}{'segcli s':>10}")

@@ -12,6 +12,8 @@ forwards). Target: <= 1.3x.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +47,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=21)
     ap.add_argument("--no-crf", action="store_true")
     ap.add_argument("--crf-max-side", type=int, default=160)
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "pipeline_cpu.json",
+                    help="write every figure here (default benchmarks/results/pipeline_cpu.json)")
     ap.add_argument("--refine", default=None, help="meanfield | densecrf | none (default: segcli's default)")
     args = ap.parse_args()
 
@@ -111,6 +115,15 @@ def main() -> None:
     print(f"{'rerun (all cached)':<22}{rerun:>10.3f}")
     print(f"ratio whole / forward passes needed (image + crop forwards) = {whole / needed:.2f}x (target <= 1.3x)")
     print(f"ratio rerun / first run = {rerun / whole:.2f}x; masks written {summary.written}, skipped {len(summary.skipped)}")
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} cores)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "images": len(items), "backbone": cfg.backbone, "device": str(backbone.device), "precision": args.precision,
+        "refine": "none" if args.no_crf else cfg.refine, "stages_s": stages, "whole_s": whole, "bare_forward_s": bare,
+        "crop_forward_s": crop, "rerun_s": rerun, "ratio_whole_to_forward": whole / needed, "load_average": load,
+    }, indent=2) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
