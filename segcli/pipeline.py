@@ -35,6 +35,13 @@ from segcli.report import Reporter, Timings
 MANIFEST = ".segcli-run.json"
 # A category with fewer sampled patches than this uses the dataset-level centroids instead of its own.
 MIN_CATEGORY_SAMPLES = 50
+# The region pass gathers the crops of consecutive images into one crop forward (full device batches even when
+# each image has only a few regions) and flushes the group at whichever bound comes first: crops, images waiting
+# (each holds its features and region map), or crop pixels. Fixed numbers, so the grouping depends only on the
+# input order, never on --batch-size or worker counts.
+CROP_GROUP_CROPS = 64
+CROP_GROUP_IMAGES = 16
+CROP_GROUP_BYTES = 256 << 20
 
 # The arrays of a per-image region bundle (cached under <cache>/regions/): H, W working size; h, w patch grid;
 # n regions; E embedding size (0 when nothing is embedded).
@@ -360,17 +367,41 @@ class Segmenter:
                 absent.add(item.key)  # read once: a damaged entry is reported once, then recomputed
             else:
                 yield item, None, bundle
+        # Images wait in a bounded group until their crops join one crop forward; then every bundle of the group
+        # is completed, saved and yielded in input order (cached bundles wait their turn too).
+        group: list[tuple[ImageItem, ImageFeatures, dict[str, np.ndarray], list[np.ndarray] | None, bool]] = []
+        crops_held = bytes_held = 0
+
+        def flush():
+            crops = [c for *_, cs, _ in group if cs for c in cs]
+            emb = self.source.embed_crops(crops) if crops else None
+            start = 0
+            for item, f, bundle, cs, fresh in group:
+                if cs:
+                    bundle = self._regions_with_embeddings(bundle, emb[start:start + len(cs)])
+                    start += len(cs)
+                if fresh:
+                    with self.timings("region io"):
+                        store.save(self.source.item_id(item), bundle)
+                yield item, f, bundle
+            group.clear()
+
         for item, f in self._features(pending, description):
             bundle = None if item.key in absent else load_bundle(item, f)
-            if bundle is None:
+            crops, fresh = None, bundle is None
+            if fresh:
                 try:
-                    bundle = self._compute_regions(item, f)
+                    bundle, crops = self._regions_before_crops(item, f)
                 except BadImageError as exc:
                     self._skip(item, exc)
                     continue
-                with self.timings("region io"):
-                    store.save(self.source.item_id(item), bundle)
-            yield item, f, bundle
+            group.append((item, f, bundle, crops, fresh))
+            crops_held += len(crops or ())
+            bytes_held += sum(c.nbytes for c in crops or ())
+            if crops_held >= CROP_GROUP_CROPS or len(group) >= CROP_GROUP_IMAGES or bytes_held >= CROP_GROUP_BYTES:
+                yield from flush()
+                crops_held = bytes_held = 0
+        yield from flush()
 
     def _fg_masks(self, f: ImageFeatures) -> tuple[np.ndarray, np.ndarray]:
         """Fused (hard, soft) patch-level foreground of one image from the three levels and/or the proposal."""
@@ -401,6 +432,18 @@ class Segmenter:
         return device if device is not None and getattr(device, "type", "cpu") == "cuda" else "cpu"
 
     def _compute_regions(self, item: ImageItem, f: ImageFeatures) -> dict[str, np.ndarray]:
+        """The region bundle of one image on its own (the region pass batches the crop forward across images)."""
+        bundle, crops = self._regions_before_crops(item, f)
+        return self._regions_with_embeddings(bundle, self.source.embed_crops(crops)) if crops else bundle
+
+    @staticmethod
+    def _regions_with_embeddings(bundle: dict[str, np.ndarray], emb: np.ndarray) -> dict[str, np.ndarray]:
+        """The bundle completed with its regions' crop embeddings (rows of a crop forward shared with other images)."""
+        return {**bundle, "emb": np.ascontiguousarray(emb, dtype=np.float32)}
+
+    def _regions_before_crops(self, item: ImageItem, f: ImageFeatures) -> tuple[dict[str, np.ndarray], list[np.ndarray] | None]:
+        """One image's region step up to the crop forward: (bundle, crops). With crops, the bundle's embeddings
+        are still to come (:meth:`_regions_with_embeddings`), so the crops of several images share one forward."""
         cfg = self.config
         with self.timings("clustering"):
             _, soft = self._fg_masks(f)
@@ -421,8 +464,11 @@ class Segmenter:
                 clusters, _ = image_level_clusters(f.feats, f.attn, cfg.level_clusters("image"), cfg.seed)
                 regions, n = split_regions(regions, clusters, min(cfg.min_region_frac * fg.size, float(cfg.min_region_px)))
             fg_grid = regions_on_grid(regions, f.grid) > 0
+        crops = None
         if cfg.assign == "cls" and n:
-            emb = self.source.embed_crops(region_crops(rgb, regions, n, cfg.crop_margin))
+            # Copies: a view would keep the whole working-size image alive while the crops wait for their batch.
+            crops = [np.ascontiguousarray(c) for c in region_crops(rgb, regions, n, cfg.crop_margin)]
+            emb = np.zeros((n, 0), np.float32)  # replaced by the crop forward
         elif cfg.assign == "pooled" and n:
             with self.timings("regions"):
                 emb = pooled_embeddings(regions, n, f.feats)
@@ -434,7 +480,7 @@ class Segmenter:
             "emb": np.asarray(emb, np.float32),
             "fg_grid": fg_grid,
             "original_size": np.array(img.original_size, dtype=np.int64),
-        }
+        }, crops
 
     # ------------------------------------------------------------------ predict
     def labels(self, f: ImageFeatures | None, bundle: dict[str, np.ndarray], rgb: np.ndarray | None = None) -> np.ndarray:

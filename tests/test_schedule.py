@@ -242,3 +242,60 @@ def test_ctrl_c_stops_the_decode_workers_and_the_run_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert len(feature_files(cache)) == 40
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items()), "finished features were redone"
+
+
+@pytest.mark.slow
+def test_region_crops_of_many_images_share_a_crop_forward(tmp_path, monkeypatch):
+    """Item 5: the region pass gathers the crops of consecutive images into one crop forward (bounded by
+    CROP_GROUP_*), and masks and model are byte-identical to embedding one image's crops at a time."""
+    from typer.testing import CliRunner
+
+    import segcli.pipeline as pipeline
+    from segcli.backbone import Backbone
+    from segcli.cli import app
+    from segcli.model_file import SegModel
+    from tests.checkpoints import checkpoint_file
+    from tests.test_cli_backbone import scene
+
+    def three_stripes(fg, *args, **kwargs):  # every image gets 3 regions of different widths
+        fg = np.asarray(fg)
+        cols = np.searchsorted([fg.shape[1] // 5, fg.shape[1] // 2], np.arange(fg.shape[1]), side="right") + 1
+        return np.broadcast_to(cols, fg.shape).astype(np.int32), 3
+
+    calls: list[int] = []
+    embed = Backbone.embed_crops
+
+    def counting_embed(self, crops, *args, **kwargs):
+        calls.append(len(crops))
+        return embed(self, crops, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "find_regions", three_stripes)
+    monkeypatch.setattr(Backbone, "embed_crops", counting_embed)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(9):
+        scene(*SIZES[i % 3], seed=300 + i).save(images / f"s{i}.png")
+    runner = CliRunner()
+    outputs, crop_calls = {}, {}
+    bounds = {"alone": (1, 16), "groups": (8, 16), "pairs": (64, 2),
+              "default": (pipeline.CROP_GROUP_CROPS, pipeline.CROP_GROUP_IMAGES)}
+    for name, (group_crops, group_images) in bounds.items():
+        monkeypatch.setattr(pipeline, "CROP_GROUP_CROPS", group_crops)
+        monkeypatch.setattr(pipeline, "CROP_GROUP_IMAGES", group_images)
+        calls.clear()
+        args = ["cluster-dataset", images, "--out", tmp_path / f"{name}.segcli", "--masks", tmp_path / name,
+                "--weights", checkpoint_file(TINY, "timm"), "--cache", tmp_path / f"cache-{name}", "--k", "3",
+                "--short-side", "224", "--max-side", "448", "--crf-max-side", "64", "--device", "cpu",
+                "--precision", "fp32", "--quiet"]
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        crop_calls[name] = list(calls)
+        outputs[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.png"))}
+        model = SegModel.load(tmp_path / f"{name}.segcli")
+        outputs[name]["model"] = (model.digest(), {k: v.tobytes() for k, v in model.tensors().items()})
+    # Region bundles are computed once (the masks pass reads them from the cache).
+    assert crop_calls == {"alone": [3] * 9, "groups": [9, 9, 9], "pairs": [6, 6, 6, 6, 3], "default": [27]}
+    assert len(outputs["alone"]) == 10
+    assert outputs["groups"] == outputs["alone"]
+    assert outputs["pairs"] == outputs["alone"]
+    assert outputs["default"] == outputs["alone"]
