@@ -22,7 +22,7 @@ from segcli.config import REGION_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, UsageError
 from segcli.features_source import FeatureSource
 from segcli.foreground import (
-    PROPOSAL_VOTE_WEIGHT, LevelModel, border_grid, fit_level, fuse, image_level_clusters, image_level_mask,
+    PROPOSAL_VOTE_WEIGHT, LevelModel, border_grid, fit_level, fuse, image_level_clusters,
     normalised_attention,
 )
 from segcli.images import ImageItem, load_image
@@ -403,8 +403,13 @@ class Segmenter:
                 crops_held = bytes_held = 0
         yield from flush()
 
-    def _fg_masks(self, f: ImageFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """Fused (hard, soft) patch-level foreground of one image from the three levels and/or the proposal."""
+    def _image_clusters(self, f: ImageFeatures) -> tuple[np.ndarray, np.ndarray]:
+        """(cluster ids, M_I) of the image level: k-means on the image's own patches."""
+        return image_level_clusters(f.feats, f.attn, self.config.level_clusters("image"), self.config.seed)
+
+    def _fg_masks(self, f: ImageFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Fused (hard, soft) patch-level foreground of one image from the three levels and/or the proposal, and
+        the image level's cluster ids (None with --prior maskdistill, which fits no level)."""
         cfg, m = self.config, self.model_
         h, w = f.grid
         flat = f.feats.reshape(h * w, -1).astype(np.float32)
@@ -414,27 +419,22 @@ class Segmenter:
         if cfg.prior != "levels" and f.proposal is None:  # a --features file that vanished or changed since the check
             raise BadImageError(f"--prior {cfg.prior}: its features have no 'proposal' array")
         if cfg.prior == "maskdistill":
-            return fuse([f.proposal], cfg.fusion)
+            return (*fuse([f.proposal], cfg.fusion), None)
         m_d = m.dataset.mask(flat).reshape(h, w)
         cls = f.cls.astype(np.float32)[None]
         cls /= max(float(np.linalg.norm(cls)), 1e-12)
         cat = int(assign_nearest(cls, m.category_centroids)[0])
         m_c = m.categories[cat].mask(flat).reshape(h, w)
-        m_i = image_level_mask(f.feats, f.attn, cfg.level_clusters("image"), cfg.seed)
+        clusters, m_i = self._image_clusters(f)
         if cfg.prior == "vote":
-            return fuse([m_d, m_c, m_i, f.proposal], cfg.fusion, weights=[1.0, 1.0, 1.0, PROPOSAL_VOTE_WEIGHT])
-        return fuse([m_d, m_c, m_i], cfg.fusion)
+            return (*fuse([m_d, m_c, m_i, f.proposal], cfg.fusion, weights=[1.0, 1.0, 1.0, PROPOSAL_VOTE_WEIGHT]), clusters)
+        return (*fuse([m_d, m_c, m_i], cfg.fusion), clusters)
 
     def _refine_device(self):
         """The backbone's device for the torch refiner (CPU with --features, or on Apple MPS, which lacks its sparse ops)."""
         backbone = self.source.backbone
         device = getattr(backbone, "device", None) if backbone is not None else None
         return device if device is not None and getattr(device, "type", "cpu") == "cuda" else "cpu"
-
-    def _compute_regions(self, item: ImageItem, f: ImageFeatures) -> dict[str, np.ndarray]:
-        """The region bundle of one image on its own (the region pass batches the crop forward across images)."""
-        bundle, crops = self._regions_before_crops(item, f)
-        return self._regions_with_embeddings(bundle, self.source.embed_crops(crops)) if crops else bundle
 
     @staticmethod
     def _regions_with_embeddings(bundle: dict[str, np.ndarray], emb: np.ndarray) -> dict[str, np.ndarray]:
@@ -446,7 +446,7 @@ class Segmenter:
         are still to come (:meth:`_regions_with_embeddings`), so the crops of several images share one forward."""
         cfg = self.config
         with self.timings("clustering"):
-            _, soft = self._fg_masks(f)
+            _, soft, clusters = self._fg_masks(f)
         with self.timings("load images"):
             img = load_image(item.path, cfg.work_max_side)
         rgb = img.rgb
@@ -459,9 +459,10 @@ class Segmenter:
         with self.timings("regions"):
             regions, n = find_regions(fg, cfg.regions, cfg.min_region_frac, cfg.min_region_px)
             if cfg.n_stuff and cfg.regions == "components" and n:
-                # Scenes: touching objects of different kinds are split along the image level's clusters
-                # (the same k-means as M_I: same input, k and seed).
-                clusters, _ = image_level_clusters(f.feats, f.attn, cfg.level_clusters("image"), cfg.seed)
+                # Scenes: touching objects of different kinds are split along the image level's clusters (those of
+                # M_I; with --prior maskdistill no level was clustered, so the same k-means runs here).
+                if clusters is None:
+                    clusters, _ = self._image_clusters(f)
                 regions, n = split_regions(regions, clusters, min(cfg.min_region_frac * fg.size, float(cfg.min_region_px)))
             fg_grid = regions_on_grid(regions, f.grid) > 0
         crops = None
