@@ -1,26 +1,31 @@
-"""The feature stage's schedule on a (simulated) device: images/s of the old schedule against the new one.
+"""The schedule on a (simulated) device: images/s of the whole segment path, or of the feature stage alone.
 
     python benchmarks/bench_schedule.py --simulate-device 5 [--images DIR] [--n 128] [--batch-size 8]
-                                        [--workers 0 1 2] [--json benchmarks/results/schedule_sim5ms.json]
+                                        [--workers 0 1 2] [--json benchmarks/results/schedule_segment_sim5ms.json]
+    python benchmarks/bench_schedule.py --stage features --simulate-device 5      # the feature stage alone
     python benchmarks/bench_schedule.py                  # the real (random-weight) backbone on this machine
 
-``--simulate-device MS`` replaces every backbone forward by a wait of MS milliseconds per image (the host
-thread blocks as it does on a GPU's synchronisation) and returns features of the correct shapes, so the
-schedule around the device is measured on a CPU machine. Everything else is the real code: decoding,
-preprocessing, the fp16 conversion, cache writes (fsynced), in a fresh cache folder for every run.
+``--simulate-device MS`` replaces every backbone forward by a wait of MS milliseconds per image, and every
+crop forward by a wait of MS per crop batch (the host thread blocks as it does on a GPU's synchronisation),
+returning features and crop embeddings of the correct shapes, so the schedule around the device is
+measured on a CPU machine. Everything else is the real code: decoding, preprocessing, the fp16 conversion,
+cache writes (fsynced), fusion, k-means, refinement, regions, crops, label maps and PNG writes, in a fresh
+cache and output folder for every run.
 
-Schedules measured on the same images:
+``--stage segment`` (the default): ``segment --model`` (predict with a model fitted beforehand, untimed) with
+``--workers W`` for each W of ``--workers`` (the process pool of the per-image host work; W = 0 runs it in
+the main process). Each W gets its own Segmenter, whose pool is started by a warm-up on 4 other images
+before the timed run (the pool's start-up, spawned processes importing torch, is printed apart: it is paid
+once per run). Printed per W: images/s, the CPU cost per image of every non-device stage (seconds of the
+threads and processes that ran it, summed over them), the device time per image (forwards and crop
+batches), the bound min(device rate, W / CPU cost per image) (for W = 0: 1 / (device time + CPU cost),
+the serial path) and the efficiency = images/s / bound.
 
-* ``old``: the schedule before issue 9 (chunks of ``--batch-size`` consecutive images, same-shape groups
-  inside a chunk, decode, forward and cache write one after the other in one thread), re-enacted here with
-  the same per-image functions;
-* ``new`` with ``--decode-workers W`` for each W of ``--workers``: :meth:`FeatureSource.features`.
+``--stage features``: the feature stage alone, the schedule before issue 9 (``old``: chunks of
+``--batch-size`` consecutive images, same-shape groups inside a chunk, decode, forward and cache write one
+after the other in one thread) against :meth:`FeatureSource.features` with ``--decode-workers W``.
 
-For each it prints images/s, the mean device batch, the CPU cost per image of every non-device stage
-(seconds of the threads that ran it, summed), the device time per image (simulated, or the measured forward),
-the bound and the efficiency = images/s / bound, where the
-bound is min(device rate, W / host cost per image) for W >= 1 and 1 / (device time + host cost) for the
-serial schedules (W = 0 and old). Figures are ratios within one run: quote them with the load average.
+Figures are ratios within one run: quote them with the load average.
 
 Images: ``--images DIR``, else ``--n`` real photographs at VOC-like sizes (500x375, 375x500, 500x333,
 333x500, 500x500, 480x360; JPEG) made from ../shared/data in a temporary folder (the examples/ folder
@@ -42,10 +47,12 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 VOC_SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (480, 360)]  # (width, height)
 HOST_STAGES = ("hash", "feature io", "load images", "preprocess")
+DEVICE_STAGES = ("forward", "crop forward")
 
 
-def make_images(folder: Path, n: int) -> Path:
-    """``n`` JPEGs at VOC-like sizes, cut from the real photographs available here."""
+def make_images(folder: Path, n: int, mirrored: bool = False) -> Path:
+    """``n`` JPEGs at VOC-like sizes, cut from the real photographs available here (``mirrored``: flipped
+    left-right, so that their content, hence their cache keys, differ from the unmirrored ones)."""
     from PIL import Image
 
     sources = sorted(p for d in (SHARED / "voc-mini", SHARED / "camvid-val", REPO / "examples")
@@ -57,7 +64,10 @@ def make_images(folder: Path, n: int) -> Path:
     for i in range(n):
         w, h = VOC_SIZES[(i * 7) % len(VOC_SIZES)]
         with Image.open(sources[i % len(sources)]) as im:
-            im.convert("RGB").resize((w, h), Image.Resampling.BICUBIC).save(folder / f"img{i:04d}.jpg", quality=90)
+            im = im.convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+            if mirrored:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            im.save(folder / f"img{i:04d}.jpg", quality=90)
     return folder
 
 
@@ -88,6 +98,25 @@ class SimulatedDevice:
         return self.outputs[key]
 
 
+class SimulatedCropDevice:
+    """Stands in for ``Backbone.embed_crops``: waits ``ms`` per crop batch, returns (n, embed_dim) unit rows
+    (a fixed function of each crop's mean colour, so that class assignment has something to separate)."""
+
+    def __init__(self, backbone, ms: float) -> None:
+        import numpy as np
+
+        self.seconds, self.dim = ms / 1000.0, backbone.embed_dim
+        self.mix = np.random.default_rng(0).standard_normal((3, self.dim)).astype(np.float32)
+
+    def __call__(self, crops, size: int = 224, batch_size: int = 32):
+        import numpy as np
+
+        time.sleep(self.seconds * -(-len(crops) // max(1, batch_size)))
+        colours = np.stack([c.reshape(-1, 3).mean(0) / 255.0 - 0.5 for c in crops]).astype(np.float32)
+        emb = colours @ self.mix + 1e-3
+        return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+
+
 def old_schedule(src, items) -> list[int]:
     """The schedule before issue 9, with today's per-image functions; returns the device batch sizes."""
     sizes = []
@@ -108,93 +137,177 @@ def old_schedule(src, items) -> list[int]:
     return sizes
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=("segment", "features"), default="segment",
+                    help="segment: the whole segment path with --workers W; features: the feature stage alone")
     ap.add_argument("--simulate-device", type=float, metavar="MS", help="device time per image in ms (default: the real backbone)")
     ap.add_argument("--images", type=Path)
     ap.add_argument("--n", type=int, default=128, help="number of generated images (without --images)")
     ap.add_argument("--backbone", default="vit_small_patch16_224.dino")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--decode-workers values to measure")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                    help="--workers values (--stage segment) or --decode-workers values (--stage features) to measure")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--refine", default=None, help="meanfield | densecrf | none (default: segcli's default)")
     ap.add_argument("--repeat", type=int, help="measure every schedule this many times (interleaved) and keep each "
                     "one's fastest run; default 1 simulated, 2 on the real backbone (its kernels are built per input shape on first use)")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     import torch
 
     import segcli.compat  # noqa: F401  (timm import workaround)
     from segcli.backbone import load_backbone
     from segcli.config import SegmentConfig
-    from segcli.features_source import FeatureSource
     from segcli.images import discover_images
-    from segcli.report import Timings
     from bench_pipeline import random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         images = args.images or make_images(tmp / "images", args.n)
         items = discover_images(images)
-        cfg = SegmentConfig(backbone=args.backbone)
+        cfg = SegmentConfig(backbone=args.backbone, refine=args.refine or SegmentConfig.refine)
         backbone = load_backbone(cfg.backbone, weights=random_checkpoint(args.backbone, tmp), device="cpu"
                                  if args.simulate_device is not None else "auto", precision=args.precision)
         if args.simulate_device is not None:
             backbone.extract = SimulatedDevice(backbone, args.simulate_device)
+            backbone.embed_crops = SimulatedCropDevice(backbone, args.simulate_device)
         else:  # warm-up, so the first measured run does not pay one-off costs
             backbone.extract(torch.zeros(1, 3, 224, 224), kind=cfg.feature_kind)
-
-        runs = [("old", 0)] + [(str(w), w) for w in args.workers]
         repeat = args.repeat or (1 if args.simulate_device is not None else 2)
-        results: dict[str, dict] = {}
-        for r in range(repeat):
-            for name, workers in runs:
-                timings = Timings()
-                src = FeatureSource(cfg, backbone=backbone, cache_dir=tmp / f"cache-{name}-{r}",
-                                    batch_size=args.batch_size, decode_workers=workers, timings=timings)
-                cpu0, t0 = time.process_time(), time.perf_counter()
-                if name == "old":
-                    sizes = old_schedule(src, items)
-                else:
-                    n_out = sum(1 for _ in src.features(items))
-                    assert n_out == len(items)
-                    sizes = src.last_batch_sizes
-                wall = time.perf_counter() - t0
-                cpu = time.process_time() - cpu0
-                n = sum(sizes)
-                stage = {k: timings.seconds.get(k, 0.0) / n for k in HOST_STAGES}
-                host = sum(stage.values())
-                device = (timings.seconds.get("forward", 0.0) / n if args.simulate_device is None
-                          else args.simulate_device / 1000)
-                rate = n / wall
-                bound = 1.0 / (device + host) if workers == 0 else min(1.0 / device, workers / host)
-                if name not in results or rate > results[name]["images_per_s"]:
-                    results[name] = {"images_per_s": rate, "bound": bound, "efficiency": rate / bound,
-                                     "mean_batch": n / len(sizes), "batches": len(sizes), "images": n,
-                                     "host_s_per_image": stage, "device_s_per_image": device,
-                                     "process_cpu_s_per_image": cpu / n, "wall_s": wall}
-        rows = [(name, v["images_per_s"], v["mean_batch"], sum(v["host_s_per_image"].values()) * 1000,
-                 v["device_s_per_image"] * 1000, v["bound"], v["efficiency"]) for name, v in results.items()]
+        if args.stage == "features":
+            results = features_stage(args, cfg, backbone, items, tmp, repeat)
+        else:
+            results = segment_stage(args, cfg, backbone, items, tmp, repeat)
 
     load = os.getloadavg()
-    print(f"images: {len(items)} ({'given' if args.images else 'VOC-like sizes'}), batch size {args.batch_size}, "
-          f"device: {'simulated %.1f ms/image' % args.simulate_device if args.simulate_device is not None else backbone.device}, "
-          f"cores {os.cpu_count()}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{'schedule':>12} {'img/s':>8} {'batch':>6} {'host ms/img':>12} {'device ms':>10} {'bound':>8} {'eff':>6}")
-    for name, rate, batch, host, device, bound, eff in rows:
-        label = "old" if name == "old" else f"new W={name}"
-        print(f"{label:>12} {rate:8.1f} {batch:6.2f} {host:12.1f} {device:10.2f} {bound:8.1f} {eff:6.2f}")
-    stages = "  ".join(f"{k} {results['old']['host_s_per_image'][k] * 1000:.1f}" for k in HOST_STAGES)
-    print(f"host stages of the old schedule, ms/image: {stages}")
-    print("speed-up of the new schedule over the old: " + ", ".join(
-        f"W={w}: {results[str(w)]['images_per_s'] / results['old']['images_per_s']:.2f}x" for w in args.workers))
-    out = args.json or REPO / "benchmarks" / "results" / (
-        f"schedule_sim{args.simulate_device:g}ms.json" if args.simulate_device is not None else "schedule_cpu.json")
+    device = (f"simulated {args.simulate_device:g} ms/image and per crop batch" if args.simulate_device is not None
+              else str(backbone.device))
+    print(f"stage: {args.stage}; images: {len(items)} ({'given' if args.images else 'VOC-like sizes'}), batch size "
+          f"{args.batch_size}, device: {device}, refine {cfg.refine}, cores {os.cpu_count()}, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print_table(args, results)
+    sim = f"sim{args.simulate_device:g}ms" if args.simulate_device is not None else "cpu"
+    default_name = f"schedule_{sim}.json" if args.stage == "features" else f"schedule_segment_{sim}.json"
+    out = args.json or REPO / "benchmarks" / "results" / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"simulate_device_ms": args.simulate_device, "batch_size": args.batch_size, "images": len(items), "repeat": repeat,
-            "backbone": args.backbone, "cores": os.cpu_count(), "load_average": load}
+    meta = {"stage": args.stage, "simulate_device_ms": args.simulate_device, "batch_size": args.batch_size,
+            "images": len(items), "repeat": repeat, "backbone": args.backbone, "refine": cfg.refine,
+            "cores": os.cpu_count(), "load_average": load}
     out.write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def features_stage(args, cfg, backbone, items, tmp: Path, repeat: int) -> dict[str, dict]:
+    """The feature stage alone: the old schedule and FeatureSource.features with each --decode-workers."""
+    from segcli.features_source import FeatureSource
+    from segcli.report import Timings
+
+    runs = [("old", 0)] + [(str(w), w) for w in args.workers]
+    results: dict[str, dict] = {}
+    for r in range(repeat):
+        for name, workers in runs:
+            timings = Timings()
+            src = FeatureSource(cfg, backbone=backbone, cache_dir=tmp / f"cache-{name}-{r}",
+                                batch_size=args.batch_size, decode_workers=workers, timings=timings)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            if name == "old":
+                sizes = old_schedule(src, items)
+            else:
+                n_out = sum(1 for _ in src.features(items))
+                assert n_out == len(items)
+                sizes = src.last_batch_sizes
+            wall = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
+            n = sum(sizes)
+            stage = {k: timings.seconds.get(k, 0.0) / n for k in HOST_STAGES}
+            host = sum(stage.values())
+            device = (timings.seconds.get("forward", 0.0) / n if args.simulate_device is None
+                      else args.simulate_device / 1000)
+            rate = n / wall
+            bound = 1.0 / (device + host) if workers == 0 else min(1.0 / device, workers / host)
+            if name not in results or rate > results[name]["images_per_s"]:
+                results[name] = {"images_per_s": rate, "bound": bound, "efficiency": rate / bound,
+                                 "mean_batch": n / len(sizes), "batches": len(sizes), "images": n,
+                                 "host_s_per_image": stage, "device_s_per_image": device,
+                                 "process_cpu_s_per_image": cpu / n, "wall_s": wall}
+    return results
+
+
+def segment_stage(args, cfg, backbone, items, tmp: Path, repeat: int) -> dict[str, dict]:
+    """``segment --model`` with each --workers W: images/s, CPU cost per stage, bound and efficiency."""
+    from segcli.features_source import FeatureSource
+    from segcli.images import discover_images
+    from segcli.pipeline import Segmenter
+    from segcli.report import Timings
+
+    warm_items = discover_images(make_images(tmp / "warm", 4, mirrored=True))
+    fit_src = FeatureSource(cfg, backbone=backbone, cache_dir=tmp / "cache-fit", batch_size=args.batch_size)
+    model = Segmenter(cfg, source=fit_src).fit(items).model_
+    results: dict[str, dict] = {}
+    for r in range(repeat):
+        for workers in args.workers:
+            name = str(workers)
+            timings = Timings()
+            src = FeatureSource(cfg, backbone=backbone, cache_dir=tmp / f"cache-{name}-{r}",
+                                batch_size=args.batch_size, timings=timings)
+            seg = Segmenter(model=model, source=src, workers=workers)
+            try:
+                t0 = time.perf_counter()
+                seg.predict(warm_items, tmp / f"warm-{name}-{r}")  # starts the pool (spawn + imports)
+                start_s = time.perf_counter() - t0
+                timings.seconds.clear()
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                summary = seg.predict(items, tmp / f"out-{name}-{r}")
+                wall = time.perf_counter() - t0
+                cpu = time.process_time() - cpu0
+            finally:
+                seg.close()
+            n = summary.written
+            assert n == len(items) and not summary.skipped, summary.skipped
+            stage = {k: v / n for k, v in sorted(timings.seconds.items()) if k not in DEVICE_STAGES}
+            host = sum(stage.values())
+            device = sum(timings.seconds.get(k, 0.0) for k in DEVICE_STAGES) / n
+            rate = n / wall
+            bound = 1.0 / (device + host) if workers == 0 else min(1.0 / device, workers / host)
+            if name not in results or rate > results[name]["images_per_s"]:
+                results[name] = {"images_per_s": rate, "bound": bound, "efficiency": rate / bound,
+                                 "host_s_per_image": stage, "device_s_per_image": device,
+                                 "device_stages_s_per_image": {k: timings.seconds.get(k, 0.0) / n for k in DEVICE_STAGES},
+                                 "main_process_cpu_s_per_image": cpu / n, "pool_start_s": start_s,
+                                 "images": n, "wall_s": wall}
+    return results
+
+
+def print_table(args, results: dict[str, dict]) -> None:
+    if args.stage == "features":
+        print(f"{'schedule':>12} {'img/s':>8} {'batch':>6} {'host ms/img':>12} {'device ms':>10} {'bound':>8} {'eff':>6}")
+        for name, v in results.items():
+            label = "old" if name == "old" else f"new W={name}"
+            print(f"{label:>12} {v['images_per_s']:8.1f} {v['mean_batch']:6.2f} "
+                  f"{sum(v['host_s_per_image'].values()) * 1000:12.1f} {v['device_s_per_image'] * 1000:10.2f} "
+                  f"{v['bound']:8.1f} {v['efficiency']:6.2f}")
+        stages = "  ".join(f"{k} {results['old']['host_s_per_image'][k] * 1000:.1f}" for k in HOST_STAGES)
+        print(f"host stages of the old schedule, ms/image: {stages}")
+        print("speed-up of the new schedule over the old: " + ", ".join(
+            f"W={w}: {results[str(w)]['images_per_s'] / results['old']['images_per_s']:.2f}x" for w in args.workers))
+        return
+    print(f"{'--workers':>9} {'img/s':>8} {'CPU ms/img':>11} {'device ms':>10} {'bound':>8} {'eff':>6} {'main CPU ms':>12} "
+          f"{'pool start s':>13}")
+    for name, v in results.items():
+        print(f"{name:>9} {v['images_per_s']:8.2f} {sum(v['host_s_per_image'].values()) * 1000:11.1f} "
+              f"{v['device_s_per_image'] * 1000:10.2f} {v['bound']:8.2f} {v['efficiency']:6.2f} "
+              f"{v['main_process_cpu_s_per_image'] * 1000:12.1f} {v['pool_start_s']:13.2f}")
+    names = sorted({k for v in results.values() for k in v["host_s_per_image"]})
+    print("CPU cost per image of every non-device stage, ms (summed over the threads and processes that ran it):")
+    print(f"{'stage':>16} " + " ".join(f"{'W=' + n:>8}" for n in results))
+    for k in names:
+        print(f"{k:>16} " + " ".join(f"{v['host_s_per_image'].get(k, 0.0) * 1000:8.1f}" for v in results.values()))
 
 
 if __name__ == "__main__":
