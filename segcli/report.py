@@ -82,5 +82,11 @@ class Timings:
             with self._lock:
                 self.seconds[stage] += dt
 
+    def add(self, seconds: dict[str, float]) -> None:
+        """Add stage seconds measured elsewhere (a worker process's share of the run)."""
+        with self._lock:
+            for stage, dt in seconds.items():
+                self.seconds[stage] += dt
+
     def as_dict(self) -> dict[str, float]:
         return dict(self.seconds)

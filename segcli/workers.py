@@ -31,7 +31,7 @@ import pickle
 import signal
 import threading
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
@@ -100,11 +100,12 @@ def _run_task(fn: Callable, tag: str, args: tuple) -> Any:
 
 # ------------------------------------------------------------------------------------------ main side
 class _Task:
-    __slots__ = ("tag", "args", "future", "outcome", "done")
+    __slots__ = ("tag", "args", "future", "generation", "outcome", "done")
 
     def __init__(self, tag: str, args: tuple) -> None:
         self.tag, self.args = tag, args
         self.future: Future | None = None
+        self.generation = -1  # which executor the future belongs to
         self.outcome: Any = None
         self.done = False
 
@@ -115,6 +116,10 @@ class WorkerPool:
     >>> with WorkerPool(2, context) as pool:                                # doctest: +SKIP
     ...     for tag, result in pool.map(step, ((item.key, (item,)) for item in items)):
     ...         ...
+
+    Several maps may use one pool at once (a pass whose input is another map's output): a map whose tasks were
+    lost with an executor that another map rebuilt re-runs them the careful way (alone), so a worker death
+    is always charged to the task that caused it.
     """
 
     def __init__(self, workers: int, context: Any, *, depth: int | None = None) -> None:
@@ -123,7 +128,17 @@ class WorkerPool:
         self.depth = max(1, depth) if depth is not None else default_depth(self.workers)
         self._blob = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL) if self.workers else b""
         self._executor: ProcessPoolExecutor | None = None
+        self._generation = 0
         self.deaths: list[str] = []  # tags of the tasks whose worker died (statistics, tests)
+
+    def update(self, context: Any) -> None:
+        """Hand the workers another context: the running workers finish their tasks and exit (their results
+        are kept), and the next task starts workers with the new one. Same context: nothing happens."""
+        blob = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL) if self.workers else b""
+        self.context = context
+        if blob != self._blob:
+            self._blob = blob
+            self.close()
 
     # -- lifecycle
     def __enter__(self) -> "WorkerPool":
@@ -141,12 +156,17 @@ class WorkerPool:
 
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_init_worker, initargs=(self._blob,))
+            self._generation += 1
         return self._executor
 
+    def _submit(self, fn: Callable, task: _Task) -> None:
+        task.future = self._pool().submit(_run_task, fn, task.tag, task.args)
+        task.generation = self._generation
+
     def close(self) -> None:
-        """Wait for the workers to finish their tasks and exit."""
+        """Wait for the workers to finish the tasks given to them (their results stay with the maps) and exit."""
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor.shutdown(wait=True)
             self._executor = None
 
     def terminate(self) -> None:
@@ -155,7 +175,7 @@ class WorkerPool:
         ex, self._executor = self._executor, None
         if ex is None:
             return
-        processes = list(getattr(ex, "_processes", {}).values())  # the executor's own handles (no public API)
+        processes = list((getattr(ex, "_processes", None) or {}).values())  # the executor's own handles (no public API)
         ex.shutdown(wait=False, cancel_futures=True)
         for p in processes:
             if p.is_alive():
@@ -166,8 +186,11 @@ class WorkerPool:
                 p.kill()
                 p.join(timeout=5)
 
-    def _dead_status(self, ex: ProcessPoolExecutor | None) -> str:
-        codes = [p.exitcode for p in getattr(ex, "_processes", {}).values() if p.exitcode not in (None, 0)]
+    def _dead_status(self) -> str:
+        """How the worker of a broken executor ended (its exit code or signal), for the report."""
+        processes = getattr(self._executor, "_processes", None) or {}
+        codes = [p.exitcode for p in processes.values() if p.exitcode not in (None, 0)]
+        codes.sort(key=lambda c: c == -signal.SIGTERM)  # the others were terminated by the executor itself
         if not codes:
             return "it exited"
         code = codes[0]
@@ -195,7 +218,7 @@ class WorkerPool:
         try:
             for tag, args in tasks:
                 task = _Task(tag, args)
-                task.future = self._pool().submit(_run_task, fn, tag, args)
+                self._submit(fn, task)
                 pending.append(task)
                 while pending and (len(pending) >= self.depth or pending[0].future.done()):
                     yield self._take(fn, pending)
@@ -209,42 +232,42 @@ class WorkerPool:
             self.terminate()
             raise
 
+    @staticmethod
+    def _settle(task: _Task, block: bool) -> bool:
+        """Take the task's result (or its BadImageError) when its future has one; False when the task was lost
+        with its executor (a worker died, or the pool was stopped) or, without ``block``, is not finished."""
+        fut = task.future
+        if fut is None or fut.cancelled() or not (block or fut.done()):
+            return False
+        try:
+            task.outcome = fut.result()
+        except BadImageError as exc:
+            task.outcome = exc
+        except (BrokenProcessPool, CancelledError):
+            return False
+        task.done = True
+        return True
+
     def _take(self, fn: Callable, pending: deque[_Task]) -> tuple[str, Any]:
         task = pending[0]
-        if not task.done:
-            try:
-                task.outcome = task.future.result()
-            except BrokenProcessPool:
-                self._recover(fn, pending)
-            except BadImageError as exc:
-                task.outcome = exc
-            task.done = True
+        # Block only on a future of the live executor: one of an executor that is gone may never finish.
+        if not task.done and not self._settle(task, block=task.generation == self._generation and self._executor is not None):
+            self._isolate(fn, pending)
         pending.popleft()
         return task.tag, task.outcome
 
-    def _recover(self, fn: Callable, pending: deque[_Task]) -> None:
-        """A worker died: every unfinished task is re-run alone in a fresh pool, in order, so that the one
-        that kills its worker again is known; the others get their results, then the pool runs on."""
+    def _isolate(self, fn: Callable, pending: deque[_Task]) -> None:
+        """Tasks were lost with their executor: stop the pool, then re-run every unfinished task of this map
+        alone in a fresh pool, in order, so that a task that kills its worker again is known (and reported);
+        the others get their results, then the pool runs on."""
         self.terminate()
         for task in pending:
-            if task.done:
+            if task.done or self._settle(task, block=False):
                 continue
-            fut = task.future
-            if fut is not None and fut.done() and not fut.cancelled() and not isinstance(fut.exception(), BrokenProcessPool):
-                try:
-                    task.outcome = fut.result()
-                except BadImageError as exc:
-                    task.outcome = exc
-                task.done = True
-                continue
-            alone = self._pool().submit(_run_task, fn, task.tag, task.args)
-            try:
-                task.outcome = alone.result()
-            except BrokenProcessPool:
-                status = self._dead_status(self._executor)
+            self._submit(fn, task)
+            if not self._settle(task, block=True):
+                status = self._dead_status()
                 self.terminate()
                 task.outcome = WorkerDied(f"{task.tag}: the worker process died while processing this image ({status})")
+                task.done = True
                 self.deaths.append(task.tag)
-            except BadImageError as exc:
-                task.outcome = exc
-            task.done = True
