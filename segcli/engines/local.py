@@ -22,9 +22,11 @@ from segcli.errors import BadImageError
 from segcli.report import Timings
 
 
-def _run_step(contexts: dict[str, dict], key: str, step: Callable[..., Any], task: tuple) -> tuple[Any, dict[str, float]]:
-    """A step in a worker process: its shared settings come from the pool's context, its timings go back."""
-    timings = Timings()
+def _run_step(contexts: dict[str, dict], key: str, step: Callable[..., Any], task: tuple,
+              clock: Callable[[], float]) -> tuple[Any, dict[str, float]]:
+    """A step in a worker process: its shared settings come from the pool's context, its timings (on the
+    run's clock) go back."""
+    timings = Timings(clock)
     result = step(*task, **contexts[key], timings=timings)
     return result, timings.as_dict()
 
@@ -68,7 +70,7 @@ class LocalEngine:
         def feed():
             for task in tasks:
                 held.append(task)
-                yield _tag(task), (key, step, task)
+                yield _tag(task), (key, step, task, self.timings.clock)
 
         try:
             for _, outcome in pool.map(_run_step, feed()):
