@@ -92,3 +92,23 @@ def test_stopping_the_consumer_stops_the_workers_at_once():
 
 def test_default_workers_leave_a_core_to_the_main_process():
     assert default_workers() == max(0, len(os.sched_getaffinity(0)) - 1)
+
+
+@pytest.mark.parametrize("victim", ["a3", "b7"])
+def test_nested_maps_share_the_pool_and_a_death_is_charged_to_its_task(monkeypatch, victim):
+    """A map fed by another map's results (the region pass feeding the mask pass): a worker death in either
+    costs exactly the task that caused it, whichever map notices the broken pool first."""
+    monkeypatch.setenv(CRASH_HOOK, victim)
+    with WorkerPool(2, {"scale": 1}, depth=4) as pool:
+        inner = pool.map(tasks.scaled, ((f"a{i}", (i, 0.01)) for i in range(10)))
+        outer = pool.map(tasks.scaled, ((f"b{tag[1:]}", (-1 if isinstance(v, BaseException) else v, 0.01))
+                                        for tag, v in inner))
+        got = list(outer)
+        assert pool.deaths == [victim]
+    assert [tag for tag, _ in got] == [f"b{i}" for i in range(10)]
+    for tag, value in got:
+        i = int(tag[1:])
+        if tag == victim:
+            assert isinstance(value, WorkerDied)
+        else:
+            assert value == (-1 if victim == f"a{i}" else i), tag
