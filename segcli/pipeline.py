@@ -389,7 +389,10 @@ class Segmenter:
                 summary.reused += 1
             else:
                 todo.append(item)
-        results = self._results(todo, "masks", need_features=steps.needs_features(self.model_))
+        need = steps.needs_features(self.model_)
+        results = self._results(todo, "masks", need_features=need)
+        if not need:  # labels come from the bundle alone: do not hand each image's features to a worker
+            results = ((item, None, bundle) for item, _, bundle in results)
         try:
             for (item, *_), result in self.engine.imap(steps.mask_step, results, model=self.model_, out=out, overlay=ov,
                                                        device=self._refine_device()):
