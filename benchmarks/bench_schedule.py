@@ -254,6 +254,14 @@ def features_stage(args, cfg, backbone, items, tmp: Path, repeat: int) -> dict[s
     return results
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (the worker processes, once joined)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 class _MaskClock:
     """Polls an output folder in a thread and notes when the given numbers of label PNGs were there."""
 
@@ -309,6 +317,7 @@ def segment_stage(args, cfg, backbone, items, tmp: Path, repeat: int) -> dict[st
             busy0 = (backbone.extract.busy + backbone.embed_crops.busy) if simulated else 0.0
             clock = _MaskClock(out, [1, quarter])
             try:
+                kids0 = _children_cpu()
                 cpu0, main0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
                 summary = seg.predict(items, out)
                 t1 = time.perf_counter()
@@ -316,6 +325,7 @@ def segment_stage(args, cfg, backbone, items, tmp: Path, repeat: int) -> dict[st
             finally:
                 clock.stop()
                 seg.close()
+            kids = _children_cpu() - kids0  # the workers' CPU seconds (counted once they have exited)
             n = summary.written
             assert n == n_items and not summary.skipped, summary.skipped
             device_s = ((backbone.extract.busy + backbone.embed_crops.busy) - busy0 if simulated else
@@ -331,6 +341,7 @@ def segment_stage(args, cfg, backbone, items, tmp: Path, repeat: int) -> dict[st
                                  "whole_images_per_s": n / (t1 - t0), "first_mask_s": clock.at.get(1, t1) - t0,
                                  "host_s_per_image": stage, "device_s_per_image": device,
                                  "main_process_cpu_s_per_image": cpu / n, "main_thread_cpu_s_per_image": main_cpu / n,
+                                 "cores_used": (cpu + kids) / (t1 - t0),
                                  "images": n, "wall_s": t1 - t0}
     return results
 
@@ -349,14 +360,17 @@ def print_table(args, results: dict[str, dict]) -> None:
             f"W={w}: {results[str(w)]['images_per_s'] / results['old']['images_per_s']:.2f}x" for w in args.workers))
         return
     print(f"{'--workers':>9} {'img/s':>8} {'CPU ms/img':>11} {'device ms':>10} {'bound':>8} {'eff':>6} {'main proc ms':>13} "
-          f"{'main thr ms':>12} {'whole img/s':>12} {'1st mask s':>11}")
+          f"{'main thr ms':>12} {'cores used':>11} {'whole img/s':>12} {'1st mask s':>11}")
     for name, v in results.items():
         print(f"{name:>9} {v['images_per_s']:8.2f} {sum(v['host_s_per_image'].values()) * 1000:11.1f} "
               f"{v['device_s_per_image'] * 1000:10.2f} {v['bound']:8.2f} {v['efficiency']:6.2f} "
               f"{v['main_process_cpu_s_per_image'] * 1000:13.1f} {v['main_thread_cpu_s_per_image'] * 1000:12.1f} "
+              f"{v['cores_used']:11.2f} "
               f"{v['whole_images_per_s']:12.2f} {v['first_mask_s']:11.2f}")
     print("main proc / main thr: CPU ms per image of the main process (all its threads: decode, cache writes, pool "
-          "queues) and of its main thread alone (the device stage's feeder: at most 1000 / main thr images/s)")
+          "queues) and of its main thread alone (the device stage's feeder: at most 1000 / main thr images/s); "
+          "cores used: CPU seconds of the run (main process and workers) per second of wall time, i.e. how much "
+          "of the machine the run got (other load on a shared machine takes the rest)")
     names = sorted({k for v in results.values() for k in v["host_s_per_image"]})
     print("CPU cost per image of every non-device stage, ms (summed over the threads and processes that ran it):")
     print(f"{'stage':>16} " + " ".join(f"{'W=' + n:>8}" for n in results))
