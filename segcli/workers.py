@@ -188,8 +188,11 @@ class WorkerPool:
 
     def _dead_status(self) -> str:
         """How the worker of a broken executor ended (its exit code or signal), for the report."""
-        processes = getattr(self._executor, "_processes", None) or {}
-        codes = [p.exitcode for p in processes.values() if p.exitcode not in (None, 0)]
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        for p in processes:  # the executor may not have reaped them yet: give them a moment
+            if p.exitcode is None:
+                p.join(timeout=1)
+        codes = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
         codes.sort(key=lambda c: c == -signal.SIGTERM)  # the others were terminated by the executor itself
         if not codes:
             return "it exited"
