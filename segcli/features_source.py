@@ -48,8 +48,12 @@ class FeatureSource:
         timings: Timings | None = None,
         backbone=None,
         warn: Callable[[str], None] | None = None,
+        feature_cache: bool = True,
     ) -> None:
         self.config = config
+        # False: features are recomputed by every pass instead of written to and read from the cache (on a GPU
+        # a forward is cheaper than the npz I/O; region bundles are still cached).
+        self.feature_cache = bool(feature_cache)
         # The sizes every image's features must share (feature dim D, CLS dim C): fixed by the first features
         # the run reads or computes; a later file that differs is reported and skipped (a cache entry: redone).
         self.dims: dict[str, int] = {}
@@ -106,6 +110,8 @@ class FeatureSource:
     def is_cached(self, item: ImageItem) -> bool:
         if self.folder is not None:
             return True
+        if not self.feature_cache:
+            return False
         try:
             return self.cache.path(self.item_id(item)).is_file()
         except BadImageError:
@@ -140,6 +146,8 @@ class FeatureSource:
                     slot.result = self._fix_dims(self.folder.load(item.key, item.path, self.dims))
                 return slot
             digest = self.item_id(item)
+            if not self.feature_cache:
+                return slot
             with self.timings("feature io"):
                 cached = self.cache.load(digest, self.dims)
             if cached is not None:
@@ -188,6 +196,8 @@ class FeatureSource:
         ) for i in range(len(slots))]
 
     def _save(self, item: ImageItem, f: ImageFeatures) -> None:
+        if not self.feature_cache:
+            return
         with self.timings("feature io"):
             self.cache.save(self.item_id(item), f)
 

@@ -76,3 +76,71 @@ def test_device_crops_match_the_host_crops():
     # upscaled 8x (the 4 x 10 crop) single pixels differ by up to 16 levels (measured: mean 0.16, max 16).
     diff = (dev - host).abs() * torch.tensor(std).view(1, 3, 1, 1) * 255
     assert float(diff.mean()) < 0.5 and float(diff.max()) <= 24
+
+
+def _scenes(root, n=6):
+    from tests.test_cli_backbone import scene
+
+    root.mkdir()
+    sizes = [(60, 40), (40, 60), (50, 50)]
+    for i in range(n):
+        scene(*sizes[i % 3], seed=300 + i).save(root / f"s{i}.png")
+    return discover_images(root)
+
+
+@pytest.mark.parametrize("assign", ["pooled", "cls"])
+def test_device_engine_gives_the_local_engines_masks(tmp_path, assign):
+    """The device engine (batched foreground, refinement and crops on the device) run on the CPU against the
+    per-image path: byte-identical masks with pooled embeddings; with crop embeddings the crops are resized by
+    torch instead of PIL (a fraction of a grey level), so the embeddings differ in the last digits."""
+    from segcli.engines.device import DeviceEngine
+    from segcli.outputs import read_label_png
+    from tests.checkpoints import TINY, checkpoint_file
+
+    items = _scenes(tmp_path / "images")
+    cfg = SegmentConfig(backbone=TINY, k=3, short_side=224, max_side=448, assign=assign, fusion="any", seed=1)
+    kw = dict(weights=checkpoint_file(TINY, "timm"), device="cpu", precision="fp32", batch_size=4)
+    masks, embs = {}, {}
+    for name in ("local", "device"):
+        seg = Segmenter(cfg, cache_dir=tmp_path / f"cache-{name}", **kw)
+        if name == "device":
+            seg.engine = DeviceEngine.for_backbone(seg.source.backbone, cfg, 4, timings=seg.timings)
+        seg.fit(items)
+        seg.predict(items, tmp_path / name)
+        masks[name] = {i.key: read_label_png(tmp_path / name / f"{i.key}.png") for i in items}
+        embs[name] = [r["emb"] for _, _, r in seg._results(items, "check", need_features=False)]
+    assert len(masks["device"]) == len(items)
+    if assign == "pooled":
+        assert all(np.array_equal(masks["device"][k], masks["local"][k]) for k in masks["local"])
+    else:
+        for a, b in zip(embs["device"], embs["local"]):
+            assert a.shape == b.shape
+            if len(a):
+                assert float(np.min(np.sum(a * b, axis=1))) > 0.9999  # unit vectors: cosine (measured >= 0.9999995)
+        same = np.mean([np.mean(masks["device"][k] == masks["local"][k]) for k in masks["local"]])
+        assert same > 0.99  # measured: 1.0
+
+
+def test_no_feature_cache_recomputes_and_gives_the_same_masks(tmp_path):
+    """--no-feature-cache: nothing under the cache's feature folders, the same masks as with the cache."""
+    from typer.testing import CliRunner
+
+    from segcli.cli import app
+    from tests.checkpoints import TINY, checkpoint_file
+
+    _scenes(tmp_path / "images", n=4)
+    runner = CliRunner()
+    out = {}
+    for name, flag in {"cached": "--feature-cache", "uncached": "--no-feature-cache"}.items():
+        args = ["segment", tmp_path / "images", "--out", tmp_path / name, "--weights", checkpoint_file(TINY, "timm"),
+                "--cache", tmp_path / f"cache-{name}", "--k", "3", "--short-side", "224", "--device", "cpu",
+                "--precision", "fp32", "--fusion", "any", "--quiet", flag]
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        out[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.png"))}
+    assert len(out["cached"]) == 4 and out["uncached"] == out["cached"]
+    cached_files = {p.suffix for p in (tmp_path / "cache-cached").rglob("*") if p.is_file()}
+    uncached = [p for p in (tmp_path / "cache-uncached").rglob("*.npz") if "regions" not in p.parts]
+    assert ".npz" in cached_files and uncached == []
+    r = runner.invoke(app, ["cluster-dataset", str(tmp_path / "images"), "--shard", "1/2", "--no-feature-cache"])
+    assert r.exit_code == 2 and "--no-feature-cache" in r.output
