@@ -159,15 +159,17 @@ class FeatureSource:
     def _prepare(self, item: ImageItem):
         """Decode and preprocess one image for the backbone: the host work done ahead of the device.
 
-        Returns the normalised (3, H', W') float32 tensor, or the BadImageError that makes the image unusable.
+        Returns (the normalised (3, H', W') float32 tensor, the decoded image), or the BadImageError that makes
+        the image unusable. The decoded image goes on with the features, so the region step needs no second
+        decode.
         Runs in a decode worker (or inline with ``decode_workers=0``); timings are per-stage CPU seconds summed
         over the workers.
         """
         try:
             with self.timings("load images"):
-                rgb = load_image(item.path, self.config.work_max_side).rgb
+                img = load_image(item.path, self.config.work_max_side)
             with self.timings("preprocess"):
-                return self.backbone.prepare(rgb, self.config.short_side, self.config.max_side)
+                return self.backbone.prepare(img.rgb, self.config.short_side, self.config.max_side), img
         except BadImageError as exc:
             return exc
 
@@ -256,13 +258,14 @@ def default_lookahead(batch_size: int) -> int:
 class _Slot:
     """One image in the scheduler's window: decoding (``pending``), waiting in a bucket (``tensor``), or done."""
 
-    __slots__ = ("item", "result", "pending", "tensor")
+    __slots__ = ("item", "result", "pending", "tensor", "image")
 
     def __init__(self, item: ImageItem) -> None:
         self.item = item
         self.result: ImageFeatures | BadImageError | None = None
         self.pending: Future | None = None
         self.tensor = None
+        self.image = None  # the decoded image, handed on with the features
 
     @property
     def done(self) -> bool:
@@ -340,8 +343,8 @@ class _Schedule:
         if isinstance(prepared, BadImageError):
             slot.result = prepared
             return
-        slot.tensor = prepared
-        shape = tuple(prepared.shape)
+        slot.tensor, slot.image = prepared
+        shape = tuple(slot.tensor.shape)
         group = self.buckets.setdefault(shape, [])
         group.append(slot)
         if len(group) >= self.src.batch_size:
@@ -353,6 +356,7 @@ class _Schedule:
         self.batch_sizes.append(len(group))
         for slot, f in zip(group, self.src._device_batch(group)):
             slot.result = self.src._fix_dims(f)
+            f.image, slot.image = slot.image, None
             if self.pool is None:
                 self.src._save(slot.item, f)
             else:

@@ -129,7 +129,7 @@ def regions_before_crops(model: SegModel, item: ImageItem, f: ImageFeatures, dev
     with timings("clustering"):
         _, soft, clusters = fg if fg is not None else foreground(model, f)
     with timings("load images"):
-        img = load_image(item.path, cfg.work_max_side)
+        img = f.image if f.image is not None else load_image(item.path, cfg.work_max_side)
     rgb = img.rgb
     with timings("crf"):
         prob = upsample(soft, rgb.shape[:2])
@@ -254,7 +254,8 @@ def write_masks(model: SegModel, item: ImageItem, f: ImageFeatures | None, bundl
     rgb = None
     if has_stuff(model) or overlay is not None:
         with timings("load images"):
-            rgb = load_image(item.path, model.config.work_max_side).rgb
+            img = f.image if f is not None and f.image is not None else load_image(item.path, model.config.work_max_side)
+            rgb = img.rgb
     lab = labels(model, f, bundle, rgb, device, timings)
     size = tuple(int(v) for v in bundle["original_size"])
     with timings("write"):
