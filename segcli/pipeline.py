@@ -63,7 +63,7 @@ class Segmenter:
 
     def __init__(self, config: SegmentConfig | None = None, *, model: SegModel | None = None,
                  source: FeatureSource | None = None, reporter: Reporter | None = None, engine: LocalEngine | None = None,
-                 workers: int = 0, **source_kwargs) -> None:
+                 workers: int = 0, device_path: bool | None = None, **source_kwargs) -> None:
         if model is not None:
             config = model.config
         self.config = config or SegmentConfig()
@@ -82,7 +82,8 @@ class Segmenter:
             self.reporter.note(f"backbone {bb.name} ({bb.system}) with weights from {bb.weights_source}")
         # Where the per-image host steps run (segcli.engines); the device stages stay with the feature source.
         # workers > 0: a pool of that many processes (--workers; 0 = this process), same results either way.
-        self.engine = engine or self._default_engine(workers)
+        # device_path: the region pass batched on the device (None: when the backbone runs on CUDA).
+        self.engine = engine or self._default_engine(workers, device_path)
         self.skipped: dict[str, str] = {}
         self.model_: SegModel | None = None
         if model is not None:
@@ -90,15 +91,21 @@ class Segmenter:
             self.model_ = model
 
     # ------------------------------------------------------------------ helpers
-    def _default_engine(self, workers: int = 0):
-        """The local engine (``workers`` processes for the host steps); with the backbone on CUDA, the region
-        pass batched on the device around it."""
+    def _default_engine(self, workers: int = 0, device_path: bool | None = None):
+        """The local engine (``workers`` processes for the host steps); with ``device_path`` (default: when the
+        backbone runs on CUDA) the region pass batched on the backbone's device around it (on the CPU when
+        there is no GPU: the same results, no speed-up)."""
         inner = LocalEngine(self.timings, workers=workers)
-        if self._refine_device() != "cpu":
-            from segcli.engines.device import DeviceEngine
+        if device_path is None:
+            device_path = self._refine_device() != "cpu"
+        if not device_path:
+            return inner
+        from segcli.engines.device import DeviceEngine
 
-            return DeviceEngine.for_backbone(self.source.backbone, self.config, self.source.batch_size, inner, self.timings)
-        return inner
+        if self.source.backbone is None:  # --features: no device, no crop forward
+            return DeviceEngine("cpu", self.source.batch_size, inner, None, self.timings)
+        return DeviceEngine.for_backbone(self.source.backbone, self.config, self.source.batch_size, inner, self.timings,
+                                         device=self._refine_device())
 
     def _check_model(self, model: SegModel) -> None:
         if model.weights_id != self.source.identity:

@@ -144,3 +144,21 @@ def test_no_feature_cache_recomputes_and_gives_the_same_masks(tmp_path):
     assert ".npz" in cached_files and uncached == []
     r = runner.invoke(app, ["cluster-dataset", str(tmp_path / "images"), "--shard", "1/2", "--no-feature-cache"])
     assert r.exit_code == 2 and "--no-feature-cache" in r.output
+
+
+def test_cli_device_path_gives_the_host_paths_masks(tmp_path):
+    """`--device-path` (forced on the CPU) and `--host-path` write the same bytes (--features, pooled)."""
+    from typer.testing import CliRunner
+
+    from segcli.cli import app
+
+    root = tmp_path / "data"
+    make_dataset(root, n_images=8, noise=0.8, seed=5)
+    out = {}
+    for flag in ("--device-path", "--host-path"):
+        args = ["segment", root / "images", "--features", root / "features", "--out", tmp_path / flag, "--k", "4",
+                "--assign", "pooled", "--cache", tmp_path / f"cache{flag}", "--quiet", "--workers", "0", flag]
+        r = CliRunner().invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        out[flag] = {p.relative_to(tmp_path / flag): p.read_bytes() for p in sorted((tmp_path / flag).rglob("*.png"))}
+    assert len(out["--host-path"]) == 8 and out["--device-path"] == out["--host-path"]

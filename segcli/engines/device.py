@@ -42,10 +42,10 @@ class DeviceEngine:
 
     @classmethod
     def for_backbone(cls, backbone, config, batch_size: int, inner: LocalEngine | None = None,
-                     timings: Timings | None = None) -> "DeviceEngine":
-        """The engine for a loaded backbone: its device, and crops cut for its crop forward."""
+                     timings: Timings | None = None, device=None) -> "DeviceEngine":
+        """The engine for a loaded backbone: its device (or ``device``), and crops cut for its crop forward."""
         spec = (crop_side(backbone.patch_size, config.crop_size), tuple(backbone.mean), tuple(backbone.std))
-        return cls(backbone.device, batch_size, inner, spec, timings)
+        return cls(backbone.device if device is None else device, batch_size, inner, spec, timings)
 
     def imap(self, step: Callable[..., Any], tasks: Iterable[tuple], **shared: Any) -> Iterator[tuple[tuple, Any]]:
         if step is not steps.regions_step:
