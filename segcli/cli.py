@@ -243,6 +243,16 @@ def _protect_inputs(source: Path, items: list, opts: dict, folders: dict, model_
     check_apart_from_inputs(folders, dirs, files, {"--out": model_out})
 
 
+def _check_remote_outputs(*folders) -> None:
+    """Object-store folders written only at the end of a run (overlays, the model file's prefix): a missing
+    bucket or missing credentials stop the run before any work, not after the fit."""
+    from segcli import storage
+
+    for folder in folders:
+        if storage.is_remote(folder):
+            storage.check_writable(folder)
+
+
 def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
     """The pipeline for a command's parsed options (the run-time ones; the method ones are in config)."""
     from segcli.pipeline import Segmenter
@@ -290,6 +300,7 @@ def segment(
     items = discover_images(images, opts["split"])
     _protect_inputs(images, items, opts, {"--out": out}, model_in=model)
     prepare_output_dir(out)
+    _check_remote_outputs(opts["overlay"])
     if model is not None:
         fitted = SegModel.load(model)
         if opts["backbone"] is not None:
@@ -330,6 +341,7 @@ def cluster_dataset(
     config = _check_run_options(opts)
     items = discover_images(dataset, opts["split"])
     _protect_inputs(dataset, items, opts, {"--masks": masks}, model_out=out)
+    _check_remote_outputs(opts["overlay"], None if out is None else out.parent)
     if masks is not None:
         from segcli.outputs import prepare_output_dir
 

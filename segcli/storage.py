@@ -171,17 +171,20 @@ def filesystem(path: ObjectPath):
         raise UsageError(f"{path.scheme}:// paths need the cloud extra ({BACKENDS[path.scheme]}): {EXTRA_HINT}") from None
 
 
-def _reason(exc: BaseException) -> str:
-    """One line for a backend failure, with a hint for the usual causes."""
-    kind = type(exc).__name__
-    text = " ".join(str(exc).split()) or kind
-    if kind == "NoCredentialsError" or "Unable to locate credentials" in text:
+def _reason(exc: BaseException, scheme: str) -> str:
+    """One line for a backend failure, with a hint for the usual causes (matched by class name: the backends'
+    exception classes are not imported here)."""
+    kinds = {k.__name__ for k in type(exc).__mro__}
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if "NoCredentialsError" in kinds or "Unable to locate credentials" in text:
         return ("no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE; "
                 "README: Data in object stores)")
-    if kind in ("DefaultCredentialsError", "RefreshError"):
+    if kinds & {"DefaultCredentialsError", "RefreshError"}:
         return f"no usable Google credentials ({text}; set GOOGLE_APPLICATION_CREDENTIALS; README: Data in object stores)"
-    if kind in ("EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ConnectionError"):
-        return f"cannot reach the object store ({text}; check AWS_ENDPOINT_URL / the network)"
+    if kinds & {"EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ServerTimeoutError",
+                "ConnectionError"}:
+        where = "AWS_ENDPOINT_URL" if scheme == "s3" else "STORAGE_EMULATOR_HOST"
+        return f"cannot reach the object store ({text}; check the network or {where})"
     if isinstance(exc, PermissionError):
         return f"access denied ({text})"
     if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
@@ -199,7 +202,7 @@ def _remote(path: ObjectPath, what: str, error: type[SegcliError], call: Callabl
     except (SegcliError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, google-auth and OSError all end here
-        raise error(f"cannot {what} {path}: {_reason(exc)}") from None
+        raise error(f"cannot {what} {path}: {_reason(exc, path.scheme)}") from None
 
 
 def check_store(path: ObjectPath, error: type[SegcliError] = InputError) -> None:

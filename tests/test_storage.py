@@ -382,6 +382,12 @@ def test_missing_buckets_and_credentials_are_one_line(s3, dataset, monkeypatch, 
                    "cannot write to s3://no-such-bucket/out", "bucket does not exist")
     one_line_error(cli("segment", dataset, "--out", tmp_path / "o", "--cache", "s3://no-such-bucket/c",
                        *method_args()), 3, "s3://no-such-bucket/c", "bucket does not exist")
+    # written only at the end of a run, checked before any work
+    one_line_error(cli("cluster-dataset", dataset, "--out", "s3://no-such-bucket/m.segcli", *method_args()), 3,
+                   "cannot write to s3://no-such-bucket", "bucket does not exist")
+    one_line_error(cli("segment", dataset, "--out", tmp_path / "o", "--overlay", "s3://no-such-bucket/ov",
+                       *method_args()), 3, "cannot write to s3://no-such-bucket/ov", "bucket does not exist")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.png"))
     one_line_error(cli("segment", dataset, "--out", tmp_path / "o", "--model", "s3://bkt/none.segcli",
                        *method_args()), 5, "model file not found: s3://bkt/none.segcli")
 
