@@ -20,6 +20,7 @@ import typer
 from segcli import __version__
 from segcli.config import DEFAULT_BACKBONE, SegmentConfig
 from segcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_SKIPPED, SegcliError
+from segcli.storage import parse_option
 from segcli.evaluate.command import evaluate_command
 
 app = typer.Typer(
@@ -93,19 +94,8 @@ def _main(
     _DEBUG["on"] = debug or bool(os.environ.get("SEGCLI_DEBUG"))
 
 
-def _location(text: str):
-    """Parser of the path options that also take object-store URIs (s3://, gs://): a Path, or an ObjectPath
-    (typer's Path type would turn ``s3://b/k`` into ``s3:/b/k``). Imports nothing of fsspec."""
-    from segcli.errors import UsageError
-    from segcli.storage import location
-
-    try:
-        return location(text)
-    except UsageError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-_URI = dict(parser=_location, metavar="PATH|URI")
+# Path options that also take object-store URIs (s3://, gs://): a Path, or an ObjectPath (imports no fsspec).
+_URI = dict(parser=parse_option, metavar="PATH|URI")
 
 # ---------------------------------------------------------------- options shared by segment and cluster-dataset
 Backbone = Annotated[Optional[str], typer.Option("--backbone", "-b", help=f"timm model name or alias (dino-s16, dino-s8, dino-b16, dino-b8, dinov2-s14, dinov2-s14-reg). Default {DEFAULT_BACKBONE}.", rich_help_panel="Backbone")]

@@ -155,6 +155,17 @@ def location(text: str | os.PathLike | ObjectPath) -> Location:
     return ObjectPath(text) if "://" in text else Path(text)
 
 
+def parse_option(text: str) -> Location:
+    """:func:`location` as the parser of a CLI path option (typer's Path type would turn ``s3://b/k`` into
+    ``s3:/b/k``): a bad URI is click's usage error (one line, exit 2)."""
+    try:
+        return location(text)
+    except UsageError as exc:
+        import typer
+
+        raise typer.BadParameter(str(exc)) from None
+
+
 # ------------------------------------------------------------------------------------------------ backends
 
 

@@ -398,3 +398,35 @@ def test_missing_buckets_and_credentials_are_one_line(s3, dataset, monkeypatch, 
                    "s3://bkt/images", "no credentials found")
     one_line_error(cli("segment", dataset, "--out", "s3://bkt/out", *method_args()), 3,
                    "s3://bkt/out", "no credentials found")
+
+
+def test_evaluate_reads_predictions_and_ground_truth_from_a_bucket(s3, tmp_path):
+    """`segcli evaluate s3://... s3://...` (a VOC layout with --split, process workers) scores as on disk."""
+    import json
+
+    rng = np.random.default_rng(3)
+    files = {}
+    for i, name in enumerate(["2007_000001", "2007_000002", "2007_000003"]):
+        gt = rng.integers(0, 3, (12, 16), dtype=np.uint8)
+        gt[0, :3] = 255
+        files[f"gt/VOC2012/SegmentationClass/{name}.png"] = gt
+        files[f"pred/{name}.png"] = np.where(gt == 255, 0, (gt + i) % 3 + 4).astype(np.uint8)
+    for rel, arr in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / rel)
+        s3.put_file(str(tmp_path / rel), f"bkt/ev/{rel}")
+    split = "2007_000001\n2007_000003\n"
+    (tmp_path / "gt/VOC2012/ImageSets/Segmentation").mkdir(parents=True)
+    (tmp_path / "gt/VOC2012/ImageSets/Segmentation/val.txt").write_text(split)
+    s3.pipe_file("bkt/ev/gt/VOC2012/ImageSets/Segmentation/val.txt", split.encode())
+
+    def scores(pred, gt):
+        r = ok(cli("evaluate", pred, gt, "--num-classes", "3", "--split", "val", "-j", "2", "--json", "-"))
+        out = json.loads(r.output[r.output.index("{"):])
+        return {k: v for k, v in out.items() if k not in ("pred_dir", "gt_dir", "seconds")}, out
+
+    local, _ = scores(tmp_path / "pred", tmp_path / "gt")
+    remote, raw = scores("s3://bkt/ev/pred", "s3://bkt/ev/gt")
+    assert remote == local and raw["gt_dir"] == "s3://bkt/ev/gt/VOC2012/SegmentationClass"
+    r = cli("evaluate", "s3://bkt/ev/none", "s3://bkt/ev/gt", "--num-classes", "3")
+    one_line_error(r, 3, "prediction folder s3://bkt/ev/none does not exist")
