@@ -487,3 +487,19 @@ def test_segment_on_gs_writes_the_bytes_of_a_local_run(gcs_server, dataset, tmp_
     assert got == pngs(local / "out")
     r = segcli(*args)
     assert r.returncode == 0 and "5 kept" in r.stderr, r.stderr
+
+
+def test_features_folder_in_a_bucket(s3, tmp_path):
+    """--features s3://... (bring-your-own features, no backend) gives the masks of the same folder on disk."""
+    from tests.synthetic import make_dataset
+
+    make_dataset(tmp_path, n_images=6)
+    s3.put(str(tmp_path / "features"), "bkt/features", recursive=True)
+    common = ["--k", "4", "--assign", "pooled", "--quiet"]
+    ok(cli("segment", tmp_path / "images", "--features", tmp_path / "features", "--out", tmp_path / "out",
+           "--cache", tmp_path / "cache", *common))
+    ok(cli("segment", tmp_path / "images", "--features", "s3://bkt/features", "--out", tmp_path / "out2",
+           "--cache", tmp_path / "cache2", *common))
+    assert pngs(tmp_path / "out2") == pngs(tmp_path / "out") and len(pngs(tmp_path / "out")) == 6
+    one_line_error(cli("segment", tmp_path / "images", "--features", "s3://bkt/nothing", "--out", tmp_path / "o3",
+                       *common), 2, "features folder not found: s3://bkt/nothing")
