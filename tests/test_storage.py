@@ -1,10 +1,10 @@
 """Data in object stores (README "Data in object stores"): s3:// and gs:// URIs for inputs, --cache, --out,
 --overlay, --masks and --model, through segcli.storage.
 
-The S3 tests run against a real S3-compatible server (moto's server mode) started here on 127.0.0.1 and stopped
-at the end; every request goes to it (AWS_ENDPOINT_URL), never to the network. gs:// shares every code path
-above fsspec's protocol dispatch with s3://; what is gs-specific (the dispatch to gcsfs and its error lines) is
-tested without a GCS server.
+The S3 tests run against an S3-compatible server (moto's server mode) started here on 127.0.0.1 and stopped at
+the end; every request goes to it (AWS_ENDPOINT_URL), never to the network. gs:// shares every code path above
+fsspec's protocol dispatch with s3://; it is run end to end against a GCS emulator (gcp-storage-emulator) on
+127.0.0.1 when that is installed (the test extra), and its dispatch to gcsfs is checked without one.
 """
 
 from __future__ import annotations
