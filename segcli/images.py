@@ -204,8 +204,8 @@ def _discover_objects(src: storage.ObjectPath, split: str | None) -> list[ImageI
                 if image_id in seen:
                     continue
                 seen.add(image_id)
-                name = next((by_name[c] for c in [f"{image_id}.jpg".lower()] + [f"{image_id}{e}".lower() for e in sorted(IMAGE_EXTENSIONS)]
-                             if c in by_name), f"{jpeg}{image_id}.jpg")
+                candidates = [f"{image_id}.jpg"] + [f"{image_id}{ext}" for ext in sorted(IMAGE_EXTENSIONS)]
+                name = next((by_name[c.lower()] for c in candidates if c.lower() in by_name), f"{jpeg}{image_id}.jpg")
                 items.append(ImageItem(src / name, image_id))
             if not items:
                 raise InputError(f"no image ids listed in {split_file}")
@@ -518,7 +518,7 @@ def _download(path: storage.ObjectPath, bad) -> io.BytesIO:  # noqa: ANN001
     try:
         data = storage.read_bytes(path)
     except InputError as exc:
-        raise bad(str(exc).split(": ", 1)[-1]) from None
+        raise bad(getattr(exc, "reason", str(exc))) from None
     if not data:
         raise bad("empty file (0 bytes)")
     return io.BytesIO(data)
@@ -610,7 +610,7 @@ def content_digest(path: Path) -> str:
         try:
             h.update(storage.read_bytes(path))
         except InputError as exc:
-            raise BadImageError(f"{path}: {str(exc).split(': ', 1)[-1]}") from None
+            raise BadImageError(f"{path}: {getattr(exc, 'reason', exc)}") from None
         return h.hexdigest()
     try:
         with open(path, "rb") as f:

@@ -206,14 +206,18 @@ def _reason(exc: BaseException, scheme: str) -> str:
 
 
 def _remote(path: ObjectPath, what: str, error: type[SegcliError], call: Callable):
-    """Run one backend call; any failure becomes ``error`` with one line naming ``what`` and ``path``."""
+    """Run one backend call; any failure becomes ``error`` with one line naming ``what`` and ``path`` (and the
+    bare reason in its ``reason`` attribute, for callers that word the message themselves)."""
     fs = filesystem(path)
     try:
         return call(fs)
     except (SegcliError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, google-auth and OSError all end here
-        raise error(f"cannot {what} {path}: {_reason(exc, path.scheme)}") from None
+        reason = _reason(exc, path.scheme)
+        failure = error(f"cannot {what} {path}: {reason}")
+        failure.reason = reason
+        raise failure from None
 
 
 def check_store(path: ObjectPath, error: type[SegcliError] = InputError) -> None:
