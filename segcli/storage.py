@@ -194,8 +194,8 @@ def _reason(exc: BaseException, scheme: str) -> str:
         return f"no usable Google credentials ({text}; set GOOGLE_APPLICATION_CREDENTIALS; README: Data in object stores)"
     if kinds & {"EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ServerTimeoutError",
                 "ConnectionError"}:
-        where = "AWS_ENDPOINT_URL" if scheme == "s3" else "STORAGE_EMULATOR_HOST"
-        return f"cannot reach the object store ({text}; check the network or {where})"
+        where = " and AWS_ENDPOINT_URL" if scheme == "s3" else ""
+        return f"cannot reach the object store ({text}; check the network{where})"
     if isinstance(exc, PermissionError):
         return f"access denied ({text})"
     if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
@@ -218,13 +218,6 @@ def _remote(path: ObjectPath, what: str, error: type[SegcliError], call: Callabl
         failure = error(f"cannot {what} {path}: {reason}")
         failure.reason = reason
         raise failure from None
-
-
-def check_store(path: ObjectPath, error: type[SegcliError] = InputError) -> None:
-    """Fail early, with one line, when ``path``'s bucket is missing or cannot be reached (credentials...)."""
-    def probe(fs):
-        fs.ls(path.bucket, detail=False)
-    _remote(path, "reach", error, probe)
 
 
 # ------------------------------------------------------------------------------------------------ queries
@@ -319,20 +312,6 @@ def put_atomic(path: ObjectPath, write: Callable[[BinaryIO], None]) -> None:
     write(buf)
     data = buf.getvalue()
     _remote(path, "write", OutputError, lambda fs: fs.pipe_file(path.path, data))
-
-
-def remove(path: Location) -> None:
-    """Delete a file or object (no error when it is absent)."""
-    if not is_remote(path):
-        path.unlink(missing_ok=True)
-        return
-
-    def rm(fs):
-        try:
-            fs.rm_file(path.path)
-        except FileNotFoundError:
-            pass
-    _remote(path, "delete", OutputError, rm)
 
 
 def check_writable(folder: ObjectPath) -> None:

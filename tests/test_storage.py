@@ -489,6 +489,7 @@ def test_segment_on_gs_writes_the_bytes_of_a_local_run(gcs_server, dataset, tmp_
     assert r.returncode == 0 and "5 kept" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_features_folder_in_a_bucket(s3, tmp_path):
     """--features s3://... (bring-your-own features, no backend) gives the masks of the same folder on disk."""
     from tests.synthetic import make_dataset
