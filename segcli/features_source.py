@@ -53,8 +53,12 @@ class FeatureSource:
         timings: Timings | None = None,
         backbone=None,
         warn: Callable[[str], None] | None = None,
+        feature_cache: bool = True,
     ) -> None:
         self.config = config
+        # False: features are recomputed by every pass instead of written to and read from the cache (on a GPU
+        # a forward is cheaper than the npz I/O; region bundles are still cached).
+        self.feature_cache = bool(feature_cache)
         # The sizes every image's features must share (feature dim D, CLS dim C): fixed by the first features
         # the run reads or computes; a later file that differs is reported and skipped (a cache entry: redone).
         self.dims: dict[str, int] = {}
@@ -115,6 +119,8 @@ class FeatureSource:
     def is_cached(self, item: ImageItem) -> bool:
         if self.folder is not None:
             return True
+        if not self.feature_cache:
+            return False
         try:
             return storage.is_file(self.cache.path(self.item_id(item)))
         except BadImageError:
@@ -149,6 +155,8 @@ class FeatureSource:
                     slot.result = self._fix_dims(self.folder.load(item.key, item.path, self.dims))
                 return slot
             digest = self.item_id(item)
+            if not self.feature_cache:
+                return slot
             with self.timings("feature io"):
                 cached = self.cache.load(digest, self.dims)
             if cached is not None:
@@ -160,15 +168,17 @@ class FeatureSource:
     def _prepare(self, item: ImageItem):
         """Decode and preprocess one image for the backbone: the host work done ahead of the device.
 
-        Returns the normalised (3, H', W') float32 tensor, or the BadImageError that makes the image unusable.
+        Returns (the normalised (3, H', W') float32 tensor, the decoded image), or the BadImageError that makes
+        the image unusable. The decoded image goes on with the features, so the region step needs no second
+        decode.
         Runs in a decode worker (or inline with ``decode_workers=0``); timings are per-stage CPU seconds summed
         over the workers.
         """
         try:
             with self.timings("load images"):
-                rgb = load_image(item.path, self.config.work_max_side).rgb
+                img = load_image(item.path, self.config.work_max_side)
             with self.timings("preprocess"):
-                return self.backbone.prepare(rgb, self.config.short_side, self.config.max_side)
+                return self.backbone.prepare(img.rgb, self.config.short_side, self.config.max_side), img
         except BadImageError as exc:
             return exc
 
@@ -197,6 +207,8 @@ class FeatureSource:
         ) for i in range(len(slots))]
 
     def _save(self, item: ImageItem, f: ImageFeatures) -> None:
+        if not self.feature_cache:
+            return
         with self.timings("feature io"):
             self.cache.save(self.item_id(item), f)
 
@@ -255,13 +267,14 @@ def default_lookahead(batch_size: int) -> int:
 class _Slot:
     """One image in the scheduler's window: decoding (``pending``), waiting in a bucket (``tensor``), or done."""
 
-    __slots__ = ("item", "result", "pending", "tensor")
+    __slots__ = ("item", "result", "pending", "tensor", "image")
 
     def __init__(self, item: ImageItem) -> None:
         self.item = item
         self.result: ImageFeatures | BadImageError | None = None
         self.pending: Future | None = None
         self.tensor = None
+        self.image = None  # the decoded image, handed on with the features
 
     @property
     def done(self) -> bool:
@@ -339,8 +352,8 @@ class _Schedule:
         if isinstance(prepared, BadImageError):
             slot.result = prepared
             return
-        slot.tensor = prepared
-        shape = tuple(prepared.shape)
+        slot.tensor, slot.image = prepared
+        shape = tuple(slot.tensor.shape)
         group = self.buckets.setdefault(shape, [])
         group.append(slot)
         if len(group) >= self.src.batch_size:
@@ -352,6 +365,7 @@ class _Schedule:
         self.batch_sizes.append(len(group))
         for slot, f in zip(group, self.src._device_batch(group)):
             slot.result = self.src._fix_dims(f)
+            f.image, slot.image = slot.image, None
             if self.pool is None:
                 self.src._save(slot.item, f)
             else:

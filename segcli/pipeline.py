@@ -81,7 +81,7 @@ class Segmenter:
         if bb is not None and getattr(bb, "weights_source", ""):
             self.reporter.note(f"backbone {bb.name} ({bb.system}) with weights from {bb.weights_source}")
         # Where the per-image host steps run (segcli.engines); the device stages stay with the feature source.
-        self.engine = engine or LocalEngine(self.timings)
+        self.engine = engine or self._default_engine()
         self.skipped: dict[str, str] = {}
         self.model_: SegModel | None = None
         if model is not None:
@@ -89,6 +89,15 @@ class Segmenter:
             self.model_ = model
 
     # ------------------------------------------------------------------ helpers
+    def _default_engine(self):
+        """In-process steps; with the backbone on CUDA, the region pass batched on the device around them."""
+        inner = LocalEngine(self.timings)
+        if self._refine_device() != "cpu":
+            from segcli.engines.device import DeviceEngine
+
+            return DeviceEngine.for_backbone(self.source.backbone, self.config, self.source.batch_size, inner, self.timings)
+        return inner
+
     def _check_model(self, model: SegModel) -> None:
         if model.weights_id != self.source.identity:
             raise ModelError(
@@ -322,11 +331,11 @@ class Segmenter:
         crops_held = bytes_held = 0
 
         def flush():
-            crops = [c for *_, cs, _ in group if cs for c in cs]
+            crops = [c for *_, cs, _ in group if cs is not None for c in cs]  # arrays, or device tensors
             emb = self.source.embed_crops(crops) if crops else None
             start = 0
             for item, f, bundle, cs, fresh in group:
-                if cs:
+                if cs is not None and len(cs):
                     bundle = steps.with_embeddings(bundle, emb[start:start + len(cs)])
                     start += len(cs)
                 if fresh:
@@ -347,8 +356,9 @@ class Segmenter:
                 continue
             bundle, crops, fresh = result
             group.append((item, f, bundle, crops, fresh))
-            crops_held += len(crops or ())
-            bytes_held += sum(c.nbytes for c in crops or ())
+            if crops is not None:
+                crops_held += len(crops)
+                bytes_held += sum(c.nbytes for c in crops)
             if crops_held >= CROP_GROUP_CROPS or len(group) >= CROP_GROUP_IMAGES or bytes_held >= CROP_GROUP_BYTES:
                 yield from flush()
                 crops_held = bytes_held = 0
