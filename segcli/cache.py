@@ -32,7 +32,7 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import BinaryIO, Callable, Mapping
 
 import numpy as np
 
@@ -123,8 +123,9 @@ def save_features(path: Path, f: ImageFeatures) -> None:
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, fully decoded; ``ValueError`` naming the problem if it cannot be read.
+def read_npz(path: Path | storage.ObjectPath | BinaryIO) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (or of its bytes in a file object), fully decoded; ``ValueError`` naming the
+    problem if it cannot be read.
 
     Any failure counts (truncated zip, garbled compressed stream, pickled objects, bad headers): these files
     come from disk and may hold anything.
@@ -232,10 +233,17 @@ class EntryStore:
         """The entry's arrays, or None when absent or damaged (reported). ``check`` may add content checks
         (raising ``ValueError``)."""
         path = self.path(digest)
-        if not storage.is_file(path):
+        if storage.is_remote(path):  # one GET, no HEAD first: a lookup is a single request
+            data = storage.read_if_exists(path)
+            if data is None:
+                return None
+            source = io.BytesIO(data)
+        elif not path.is_file():
             return None
+        else:
+            source = path
         try:
-            arrays = read_npz(path)
+            arrays = read_npz(source)
             stored = arrays.pop(DIGEST_ARRAY, None)
             if stored is None:
                 raise ValueError("no digest")

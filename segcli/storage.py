@@ -182,7 +182,7 @@ def filesystem(path: ObjectPath):
         raise UsageError(f"{path.scheme}:// paths need the cloud extra ({BACKENDS[path.scheme]}): {EXTRA_HINT}") from None
 
 
-def _reason(exc: BaseException, scheme: str) -> str:
+def _reason(exc: BaseException, path: ObjectPath, fs) -> str:  # noqa: ANN001
     """One line for a backend failure, with a hint for the usual causes (matched by class name: the backends'
     exception classes are not imported here)."""
     kinds = {k.__name__ for k in type(exc).__mro__}
@@ -194,14 +194,16 @@ def _reason(exc: BaseException, scheme: str) -> str:
         return f"no usable Google credentials ({text}; set GOOGLE_APPLICATION_CREDENTIALS; README: Data in object stores)"
     if kinds & {"EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ServerTimeoutError",
                 "ConnectionError"}:
-        where = " and AWS_ENDPOINT_URL" if scheme == "s3" else ""
+        where = " and AWS_ENDPOINT_URL" if path.scheme == "s3" else ""
         return f"cannot reach the object store ({text}; check the network{where})"
     if isinstance(exc, PermissionError):
         return f"access denied ({text})"
-    if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
-        return "the bucket does not exist"
-    if isinstance(exc, FileNotFoundError):
-        return "not found"
+    if isinstance(exc, FileNotFoundError):  # the messages do not say which: ask (errors only, one request)
+        try:
+            bucket_exists = fs.exists(path.bucket)
+        except Exception:  # noqa: BLE001 - cannot tell
+            bucket_exists = True
+        return "not found" if bucket_exists else "the bucket does not exist"
     return text if len(text) < 300 else text[:297] + "..."
 
 
@@ -214,7 +216,7 @@ def _remote(path: ObjectPath, what: str, error: type[SegcliError], call: Callabl
     except (SegcliError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, google-auth and OSError all end here
-        reason = _reason(exc, path.scheme)
+        reason = _reason(exc, path, fs)
         failure = error(f"cannot {what} {path}: {reason}")
         failure.reason = reason
         raise failure from None
@@ -269,6 +271,17 @@ def read_bytes(path: Location, error: type[SegcliError] = InputError) -> bytes:
     if not is_remote(path):
         return path.read_bytes()
     return _remote(path, "read", error, lambda fs: fs.cat_file(path.path))
+
+
+def read_if_exists(path: ObjectPath) -> bytes | None:
+    """The object's bytes, or None when there is no such object (one GET, no HEAD first; a missing bucket reads
+    as absent too, so check the bucket first: :func:`check_writable`)."""
+    def get(fs):
+        try:
+            return fs.cat_file(path.path)
+        except FileNotFoundError:
+            return None
+    return _remote(path, "read", InputError, get)
 
 
 def read_tail(path: Location, n: int) -> bytes:

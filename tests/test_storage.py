@@ -178,6 +178,11 @@ def test_read_write_list_and_atomic_writes(s3):
     assert storage.read_tail(root / "b/x.png", 2) == b"ne" and storage.read_tail(root / "nope", 2) == b""
     assert storage.is_file(root / "a.jpg") and not storage.is_file(root / "b") and storage.is_dir(root / "b")
     assert not storage.exists(root / "zzz")
+    s3.mkdir("my-bucket")  # "bucket" in a name must not make a missing object read as a missing bucket
+    with pytest.raises(InputError, match=r"cannot read s3://my-bucket/nope: not found$"):
+        storage.read_bytes(ObjectPath("s3://my-bucket/nope"))
+    with pytest.raises(InputError, match=r"cannot read s3://no-bucket/nope: the bucket does not exist$"):
+        storage.read_bytes(ObjectPath("s3://no-bucket/nope"))
 
     def fails_halfway(f):
         f.write(b"partial data")
@@ -217,6 +222,7 @@ def test_cache_entries_and_model_files_round_trip(s3):
 
     got = store.load(digest, {"a": ArraySpec(("h", "w"), ("float32",))})
     assert np.array_equal(got["a"], arrays["a"])
+    assert store.load("cd" * 32, {"a": ArraySpec(("h", "w"), ("float32",))}) is None  # absent: no error
     warnings = []
     s3.pipe_file(f"bkt/cache/regions/k/ab/{digest}.npz", b"PK\x03\x04 truncated")  # a damaged entry
     store.warn = warnings.append
@@ -487,6 +493,9 @@ def test_segment_on_gs_writes_the_bytes_of_a_local_run(gcs_server, dataset, tmp_
     assert got == pngs(local / "out")
     r = segcli(*args)
     assert r.returncode == 0 and "5 kept" in r.stderr, r.stderr
+    r = segcli("segment", "gs://no-such-bucket/images", "--out", tmp_path / "o", *method_args())
+    assert r.returncode == 3 and r.stderr.strip() == ("segcli: error: cannot list gs://no-such-bucket/images: "
+                                                      "the bucket does not exist"), r.stderr
 
 
 @pytest.mark.slow
