@@ -210,7 +210,7 @@ def test_read_write_list_and_atomic_writes(s3):
     assert not [n for n in s3.find("bkt") if n.endswith(".tmp")]
 
 
-def test_cache_entries_and_model_files_round_trip(s3):
+def test_cache_entries_round_trip_and_a_damaged_one_is_refused(s3):
     from segcli.cache import EntryStore
 
     store = EntryStore(ObjectPath("s3://bkt/cache"), "regions/k", compressed=True)
