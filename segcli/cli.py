@@ -110,6 +110,7 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbon
 DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
 FeatureCacheOpt = Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Keep each image's features in the --cache folder (default). --no-feature-cache recomputes them in every pass instead (fit and predict read them 2-4 times): cheaper than the file I/O on a GPU, not on a CPU. Region bundles are cached either way.", rich_help_panel="Backbone")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1; 0 = in the main process. Results do not depend on it.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default: the number of thing classes, k-1, or k-N with --stuff N).", rich_help_panel="Method")]
@@ -150,6 +151,7 @@ _SHARED_OPTIONS = [
     ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
     ("stuff", Stuff, 0),
     ("decode_workers", DecodeWorkers, None), ("compile", Compile, False), ("feature_cache", FeatureCacheOpt, True),
+    ("workers", Workers, None),
 ]
 
 
@@ -208,6 +210,8 @@ def _check_run_options(opts: dict) -> SegmentConfig:
         raise UsageError(f"--batch-size must be at least 1, got {opts['batch_size']}")
     if opts["decode_workers"] is not None and not 0 <= opts["decode_workers"] <= 256:
         raise UsageError(f"--decode-workers must be between 0 and 256, got {opts['decode_workers']}")
+    if opts["workers"] is not None and not 0 <= opts["workers"] <= 256:
+        raise UsageError(f"--workers must be between 0 and 256, got {opts['workers']}")
     import re
 
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(opts["device"]).strip().lower()):
@@ -247,6 +251,7 @@ def _check_remote_outputs(*folders) -> None:
 def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
     """The pipeline for a command's parsed options (the run-time ones; the method ones are in config)."""
     from segcli.pipeline import Segmenter
+    from segcli.workers import default_workers
 
     if opts["threads"]:
         import torch
@@ -255,7 +260,8 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
     return Segmenter(config, model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
                      precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
                      batch_size=opts["batch_size"], decode_workers=opts["decode_workers"],
-                     compile=opts["compile"], feature_cache=opts["feature_cache"])
+                     compile=opts["compile"], feature_cache=opts["feature_cache"],
+                     workers=default_workers() if opts["workers"] is None else opts["workers"])
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:

@@ -63,7 +63,7 @@ class Segmenter:
 
     def __init__(self, config: SegmentConfig | None = None, *, model: SegModel | None = None,
                  source: FeatureSource | None = None, reporter: Reporter | None = None, engine: LocalEngine | None = None,
-                 **source_kwargs) -> None:
+                 workers: int = 0, **source_kwargs) -> None:
         if model is not None:
             config = model.config
         self.config = config or SegmentConfig()
@@ -81,7 +81,8 @@ class Segmenter:
         if bb is not None and getattr(bb, "weights_source", ""):
             self.reporter.note(f"backbone {bb.name} ({bb.system}) with weights from {bb.weights_source}")
         # Where the per-image host steps run (segcli.engines); the device stages stay with the feature source.
-        self.engine = engine or self._default_engine()
+        # workers > 0: a pool of that many processes (--workers; 0 = this process), same results either way.
+        self.engine = engine or self._default_engine(workers)
         self.skipped: dict[str, str] = {}
         self.model_: SegModel | None = None
         if model is not None:
@@ -89,9 +90,10 @@ class Segmenter:
             self.model_ = model
 
     # ------------------------------------------------------------------ helpers
-    def _default_engine(self):
-        """In-process steps; with the backbone on CUDA, the region pass batched on the device around them."""
-        inner = LocalEngine(self.timings)
+    def _default_engine(self, workers: int = 0):
+        """The local engine (``workers`` processes for the host steps); with the backbone on CUDA, the region
+        pass batched on the device around it."""
+        inner = LocalEngine(self.timings, workers=workers)
         if self._refine_device() != "cpu":
             from segcli.engines.device import DeviceEngine
 
@@ -165,14 +167,17 @@ class Segmenter:
             class_centroids=np.zeros((0, 0), np.float32),
         )
         self.model_ = model
-        if cfg.n_stuff:
-            self._fit_stuff(used)
-        if cfg.assign == "parts":
-            self._fit_parts(used)
-        elif cfg.assign == "probe":
-            self._fit_probe()
-        else:
-            self._fit_classes(used)
+        try:
+            if cfg.n_stuff:
+                self._fit_stuff(used)
+            if cfg.assign == "parts":
+                self._fit_parts(used)
+            elif cfg.assign == "probe":
+                self._fit_probe()
+            else:
+                self._fit_classes(used)
+        finally:
+            self.engine.close()  # its workers hold the model as it was during the fit
         return self
 
     def _fit_levels(self, feats: np.ndarray, s_attn: list, s_border: list, s_img: list, cls: np.ndarray,
@@ -395,17 +400,27 @@ class Segmenter:
                 summary.reused += 1
             else:
                 todo.append(item)
-        results = self._results(todo, "masks", need_features=steps.needs_features(self.model_))
-        for (item, *_), result in self.engine.imap(steps.mask_step, results, model=self.model_, out=out, overlay=ov,
-                                                   device=self._refine_device()):
-            if isinstance(result, BadImageError):
-                self._skip(item, result)
-                continue
-            summary.written += 1
+        need = steps.needs_features(self.model_)
+        results = self._results(todo, "masks", need_features=need)
+        if not need:  # labels come from the bundle alone: do not hand each image's features to a worker
+            results = ((item, None, bundle) for item, _, bundle in results)
+        try:
+            for (item, *_), result in self.engine.imap(steps.mask_step, results, model=self.model_, out=out, overlay=ov,
+                                                       device=self._refine_device()):
+                if isinstance(result, BadImageError):
+                    self._skip(item, result)
+                    continue
+                summary.written += 1
+        finally:
+            self.engine.close()
         summary.skipped = {k: v for k, v in self.skipped.items()}
         summary.seconds = time.perf_counter() - t0
         summary.timings = self.timings.as_dict()
         return summary
+
+    def close(self) -> None:
+        """Stop the engine's worker processes now (fit() and predict() stop them when they end)."""
+        self.engine.close()
 
     def _resumable(self, out: Path, resume: bool) -> bool:
         """True when out/ holds results of this very model (so finished PNGs can be kept)."""

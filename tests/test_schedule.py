@@ -161,9 +161,10 @@ def test_compile_gives_the_eager_features_cached_apart(images, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_same_masks_and_model_for_any_batch_size_and_decode_workers(tmp_path):
-    """Item 6 for the feature stage: the model file and every mask are byte-identical whatever --batch-size and
-    --decode-workers (each run has its own cache, so every feature is computed under that schedule)."""
+def test_same_masks_and_model_for_any_batch_size_and_workers(tmp_path):
+    """Item 6: the model file and every mask are byte-identical whatever --batch-size, --decode-workers and
+    --workers (0: in-process; 1, 2: worker processes for the fit passes and the masks; each run has its own
+    cache, so every feature and region bundle is computed under that schedule)."""
     from typer.testing import CliRunner
 
     from segcli.cli import app
@@ -177,8 +178,10 @@ def test_same_masks_and_model_for_any_batch_size_and_decode_workers(tmp_path):
         scene(*SIZES[i % 3], seed=200 + i).save(images / f"s{i}.png")
     runner = CliRunner()
     outputs = {}
-    for name, extra in {"serial": ["--batch-size", "1", "--decode-workers", "0"],
-                        "batched": ["--batch-size", "4", "--decode-workers", "2"]}.items():
+    for name, extra in {"serial": ["--batch-size", "1", "--decode-workers", "0", "--workers", "0"],
+                        "batched": ["--batch-size", "4", "--decode-workers", "2", "--workers", "0"],
+                        "pool1": ["--batch-size", "3", "--decode-workers", "0", "--workers", "1"],
+                        "pool2": ["--batch-size", "4", "--decode-workers", "2", "--workers", "2"]}.items():
         args = ["cluster-dataset", images, "--out", tmp_path / f"{name}.segcli", "--masks", tmp_path / name,
                 "--weights", checkpoint_file(TINY, "timm"), "--cache", tmp_path / f"cache-{name}", "--k", "3",
                 "--short-side", "224", "--max-side", "448", "--crf-max-side", "64", "--device", "cpu",
@@ -191,6 +194,8 @@ def test_same_masks_and_model_for_any_batch_size_and_decode_workers(tmp_path):
         outputs[name]["model"] = (model.digest(), {k: v.tobytes() for k, v in model.tensors().items()})
     assert len(outputs["serial"]) == 10
     assert outputs["batched"] == outputs["serial"]
+    assert outputs["pool1"] == outputs["serial"], "--workers 1 changed masks or model"
+    assert outputs["pool2"] == outputs["serial"], "--workers 2 changed masks or model"
 
 
 @pytest.mark.slow
@@ -287,7 +292,7 @@ def test_region_crops_of_many_images_share_a_crop_forward(tmp_path, monkeypatch)
         args = ["cluster-dataset", images, "--out", tmp_path / f"{name}.segcli", "--masks", tmp_path / name,
                 "--weights", checkpoint_file(TINY, "timm"), "--cache", tmp_path / f"cache-{name}", "--k", "3",
                 "--short-side", "224", "--max-side", "448", "--crf-max-side", "64", "--device", "cpu",
-                "--precision", "fp32", "--quiet"]
+                "--precision", "fp32", "--workers", "0", "--quiet"]  # in-process: the spies live in this process
         r = runner.invoke(app, [str(a) for a in args])
         assert r.exit_code == 0, r.output
         crop_calls[name] = list(calls)
