@@ -318,8 +318,9 @@ def test_segment_on_s3_writes_the_bytes_of_a_local_run_and_resumes(s3, dataset, 
 
     ok(cli("cluster-dataset", "s3://bkt/images", "--out", "s3://bkt/model.segcli", "--cache", "s3://bkt/cache",
            *method_args()))
+    # --workers 1: the masks and overlays are written to the bucket by a worker process (spawned)
     args = ["segment", "s3://bkt/images", "--model", "s3://bkt/model.segcli", "--out", "s3://bkt/out",
-            "--overlay", "s3://bkt/overlay", "--cache", "s3://bkt/cache", *method_args()]
+            "--overlay", "s3://bkt/overlay", "--cache", "s3://bkt/cache", "--workers", "1", *method_args()]
     r = ok(cli(*args))
     assert "wrote 5 masks" in r.output
 
