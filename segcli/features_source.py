@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from segcli import storage
 from segcli.cache import CACHE_FORMAT, FeatureCache, FeatureFolder, ImageFeatures, has_proposal
 from segcli.config import FEATURE_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, SegcliError, UsageError
@@ -22,9 +23,13 @@ from segcli.report import Timings
 
 
 def default_cache_dir() -> Path:
-    """$SEGCLI_CACHE, else $XDG_CACHE_HOME/segcli, else ~/.cache/segcli."""
+    """$SEGCLI_CACHE (a path or an s3:// / gs:// URI), else $XDG_CACHE_HOME/segcli, else ~/.cache/segcli."""
     if os.environ.get("SEGCLI_CACHE"):
-        return Path(os.environ["SEGCLI_CACHE"])
+        return storage.location(os.environ["SEGCLI_CACHE"])
+    return _home_cache_dir()
+
+
+def _home_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "segcli"
 
@@ -58,7 +63,9 @@ class FeatureSource:
         # the run reads or computes; a later file that differs is reported and skipped (a cache entry: redone).
         self.dims: dict[str, int] = {}
         self.warn = warn or (lambda message: None)
-        self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_root = storage.location(cache_dir) if cache_dir else default_cache_dir()
+        if storage.is_remote(self.cache_root):  # a missing bucket or no credentials: one line before any work
+            storage.check_writable(self.cache_root)
         self.batch_size = max(1, int(batch_size))
         # Background decode threads (None: default_decode_workers(); 0: decode in the calling thread) and the
         # number of images the scheduler may hold at once (None: default_lookahead(batch_size)).
@@ -67,7 +74,7 @@ class FeatureSource:
         self.timings = timings or Timings()
         self._digests: dict[str, str] = {}
         self.last_batch_sizes: list[int] = []  # device batch sizes of the last features() pass (statistics)
-        self.folder = FeatureFolder(Path(features_dir)) if features_dir else None
+        self.folder = FeatureFolder(storage.location(features_dir)) if features_dir else None
         self.backbone = backbone
         if self.folder is None and self.backbone is None:
             from segcli.backbone import load_backbone
@@ -75,9 +82,11 @@ class FeatureSource:
             with self.timings("load model"):
                 self.backbone = load_backbone(config.backbone, weights=weights, device=device, precision=precision)
         if compile and self.backbone is not None:
-            self.backbone.compile(self.cache_root / "inductor")
+            # torch's kernel cache needs a local folder: with an object-store cache it stays in the default one.
+            local = next(c for c in (self.cache_root, default_cache_dir(), _home_cache_dir()) if not storage.is_remote(c))
+            self.backbone.compile(local / "inductor")
         if self.folder is not None:
-            if not self.folder.root.is_dir():
+            if not storage.is_dir(self.folder.root):
                 raise UsageError(f"features folder not found: {self.folder.root}")
             # Any folder in the documented format: a model fitted on one can label another (dims are checked).
             self.identity = "features-folder"
@@ -113,7 +122,7 @@ class FeatureSource:
         if not self.feature_cache:
             return False
         try:
-            return self.cache.path(self.item_id(item)).is_file()
+            return storage.is_file(self.cache.path(self.item_id(item)))
         except BadImageError:
             return False
 
@@ -214,7 +223,7 @@ class FeatureSource:
                 raise UsageError(f"--prior {self.config.prior} needs a CLS token, which {self.backbone.name} has not; "
                                  "use --prior levels")
             return
-        lacking = [p for p in (self.folder.path(i.key) for i in items) if p.is_file() and not has_proposal(p)]
+        lacking = [p for p in (self.folder.path(i.key) for i in items) if storage.is_file(p) and not has_proposal(p)]
         if lacking:
             raise InputError(f"--prior {self.config.prior} needs a 'proposal' array in every --features file, but "
                              f"{len(lacking)} of {len(items)} lack it (e.g. {lacking[0]}); add it (README: Bring your "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli import steps
+from segcli import steps, storage
 from segcli.cache import CACHE_LAYOUT, EntryStore, ImageFeatures
 from segcli.config import REGION_FIELDS, SegmentConfig
 from segcli.engines.local import LocalEngine
@@ -403,7 +403,7 @@ class Segmenter:
             if item.key in self.skipped:
                 continue
             target = output_path(out, item.key, ".png")
-            if done and is_complete_png(target) and (ov is None or (output_path(ov, item.key, ".jpg")).is_file()):
+            if done and is_complete_png(target) and (ov is None or storage.is_file(output_path(ov, item.key, ".jpg"))):
                 summary.reused += 1
             else:
                 todo.append(item)
@@ -436,8 +436,8 @@ class Segmenter:
         stamp = {"model": self.model_.digest()}
         path = out / MANIFEST
         try:
-            same = resume and json.loads(path.read_text()) == stamp
-        except (OSError, ValueError):
+            same = resume and json.loads(storage.read_bytes(path)) == stamp
+        except (OSError, ValueError, InputError):
             same = False
         if not same:
             data = json.dumps(stamp).encode()
