@@ -143,9 +143,9 @@ def old_schedule(src, items) -> list[int]:
             if slot.done:
                 continue
             prepared = src._prepare(item)
-            if hasattr(prepared, "shape"):
-                slot.tensor = prepared
-                groups.setdefault(tuple(prepared.shape), []).append(slot)
+            if isinstance(prepared, tuple):  # (tensor, decoded image); else the image's error
+                slot.tensor = prepared[0]
+                groups.setdefault(tuple(slot.tensor.shape), []).append(slot)
         for group in groups.values():
             sizes.append(len(group))
             for slot, f in zip(group, src._device_batch(group)):

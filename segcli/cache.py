@@ -21,18 +21,22 @@ Cache entries (features and per-image region bundles) are never trusted: each st
 SHA-256 over every array (name, dtype, shape, bytes) and the entry's own key (namespace and image digest),
 and is checked against it and against the shapes the run expects when read (:class:`EntryStore`). A damaged,
 truncated or swapped entry is reported, recomputed and replaced; it is never used and never stops a run.
+
+The cache root (and a bring-your-own folder) may be an object-store prefix (``s3://``, ``gs://``): every read
+and write goes through :mod:`segcli.storage`, and entries are uploaded whole (atomic for readers).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import BinaryIO, Callable, Mapping
 
 import numpy as np
 
+from segcli import storage
 from segcli.arrays import ArrayCheckError, ArraySpec, check_arrays
 from segcli.errors import BadImageError
 from segcli.outputs import atomic_write
@@ -62,6 +66,9 @@ class ImageFeatures:
     cls: np.ndarray  # (C,) float32
     attn: np.ndarray  # (h, w) float16
     proposal: np.ndarray | None = None  # (h, w) bool MaskDistill object proposal, None when not provided
+    # The decoded image (segcli.images.LoadedImage at the working size) when the backbone has just computed
+    # these features from it: the region step reuses it instead of decoding the file again. Never cached.
+    image: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -104,26 +111,27 @@ def _proposal_mask(proposal: np.ndarray) -> np.ndarray:
 def has_proposal(path: Path) -> bool:
     """Whether a feature file holds a ``proposal`` array (reads the zip directory only, no array data)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(storage.readable(path), allow_pickle=False) as z:
             return "proposal" in z.files
     except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
         return False
 
 
 def save_features(path: Path, f: ImageFeatures) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(path.parent)
     arrays = f.arrays()
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, fully decoded; ``ValueError`` naming the problem if it cannot be read.
+def read_npz(path: Path | storage.ObjectPath | BinaryIO) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (or of its bytes in a file object), fully decoded; ``ValueError`` naming the
+    problem if it cannot be read.
 
     Any failure counts (truncated zip, garbled compressed stream, pickled objects, bad headers): these files
     come from disk and may hold anything.
     """
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(storage.readable(path), allow_pickle=False) as z:
             if not hasattr(z, "files"):
                 raise ValueError("a single array, not an .npz archive")
             return {k: z[k] for k in z.files}
@@ -177,6 +185,19 @@ def entry_digest(key: str, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.frombuffer(h.digest(), dtype=np.uint8).copy()
 
 
+def write_npz(fh, arrays: Mapping[str, np.ndarray], compressed: bool) -> None:
+    """``np.savez`` / ``np.savez_compressed`` with the fastest deflate level: region maps are mostly runs of
+    one value, so level 1 is 3x faster than numpy's default level at a size still ~200x below the raw array
+    (a 500 x 375 region map: 0.8 ms and 4 kB instead of 2.3 ms and 2 kB). Any npz reader reads it."""
+    import zipfile
+
+    mode = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with zipfile.ZipFile(fh, "w", mode, compresslevel=1 if compressed else None) as zf:
+        for name, a in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+
+
 class EntryStore:
     """Verified per-image cache entries under ``<cache root>/<name>/<digest[:2]>/<digest>.npz``.
 
@@ -188,7 +209,7 @@ class EntryStore:
     def __init__(self, cache_root: Path, name: str, *, compressed: bool = False,
                  warn: Callable[[str], None] | None = None) -> None:
         self.name = name
-        self.root = Path(cache_root) / name
+        self.root = storage.location(cache_root) / name
         self.compressed = compressed
         self.warn = warn or (lambda message: None)
 
@@ -200,11 +221,11 @@ class EntryStore:
 
     def save(self, digest: str, arrays: Mapping[str, np.ndarray]) -> None:
         path = self.path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(path.parent)
         stored = {k: np.asarray(v) for k, v in arrays.items()}
         stored[DIGEST_ARRAY] = entry_digest(self.key(digest), stored)
         buf = io.BytesIO()
-        (np.savez_compressed if self.compressed else np.savez)(buf, **stored)
+        write_npz(buf, stored, self.compressed)
         atomic_write(path, lambda fh: fh.write(buf.getvalue()))
 
     def load(self, digest: str, specs: Mapping[str, ArraySpec], dims: Mapping[str, int] | None = None,
@@ -212,10 +233,17 @@ class EntryStore:
         """The entry's arrays, or None when absent or damaged (reported). ``check`` may add content checks
         (raising ``ValueError``)."""
         path = self.path(digest)
-        if not path.is_file():
+        if storage.is_remote(path):  # one GET, no HEAD first: a lookup is a single request
+            data = storage.read_if_exists(path)
+            if data is None:
+                return None
+            source = io.BytesIO(data)
+        elif not path.is_file():
             return None
+        else:
+            source = path
         try:
-            arrays = read_npz(path)
+            arrays = read_npz(source)
             stored = arrays.pop(DIGEST_ARRAY, None)
             if stored is None:
                 raise ValueError("no digest")
@@ -256,13 +284,13 @@ class FeatureFolder:
     """Features computed elsewhere, one file per image key (see the module docstring)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self.root = storage.location(root)
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.npz"
 
     def load(self, key: str, image: Path | None = None, dims: Mapping[str, int] | None = None) -> ImageFeatures:
         p = self.path(key)
-        if not p.is_file():
+        if not storage.is_file(p):
             raise BadImageError(f"{image or key}: no feature file {p}")
         return load_features(p, dims)

@@ -20,6 +20,7 @@ import typer
 from segcli import __version__
 from segcli.config import DEFAULT_BACKBONE, SegmentConfig
 from segcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_SKIPPED, SegcliError
+from segcli.storage import parse_option
 from segcli.evaluate.command import evaluate_command
 
 app = typer.Typer(
@@ -93,6 +94,9 @@ def _main(
     _DEBUG["on"] = debug or bool(os.environ.get("SEGCLI_DEBUG"))
 
 
+# Path options that also take object-store URIs (s3://, gs://): a Path, or an ObjectPath (imports no fsspec).
+_URI = dict(parser=parse_option, metavar="PATH|URI")
+
 # ---------------------------------------------------------------- options shared by segment and cluster-dataset
 Backbone = Annotated[Optional[str], typer.Option("--backbone", "-b", help=f"timm model name or alias (dino-s16, dino-s8, dino-b16, dino-b8, dinov2-s14, dinov2-s14-reg). Default {DEFAULT_BACKBONE}.", rich_help_panel="Backbone")]
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint: DINO/DINOv2/DINOv3 .pth, timm state dict, .safetensors, Leopart .ckpt, STEGO .ckpt or LOCA (flax msgpack); recognised by content, its architecture is read from the file when --backbone is not given (see weights/README.md). Default: timm's pretrained weights (HF cache, torch hub checkpoints folder, else download).", rich_help_panel="Backbone")]
@@ -105,7 +109,9 @@ FeatureKind = Annotated[str, typer.Option("--feature", help="Last-block features
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbone batch (images are bucketed by input size over a window of max(64, 16 x batch) images, so batches are full; results do not depend on it).", rich_help_panel="Backbone")]
 DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
+FeatureCacheOpt = Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Keep each image's features in the --cache folder (default). --no-feature-cache recomputes them in every pass instead (fit and predict read them 2-4 times): cheaper than the file I/O on a GPU, not on a CPU. Region bundles are cached either way.", rich_help_panel="Backbone")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1; 0 = in the main process. Results do not depend on it.", rich_help_panel="Backbone")]
+DevicePath = Annotated[Optional[bool], typer.Option("--device-path/--host-path", help="Run the region pass (fusion, image-level k-means, refinement, crops) batched on the backbone's device (default: when it is a CUDA GPU) or image by image in the --workers pool. Same masks either way with --assign pooled/parts; crops resized by torch instead of PIL with cls.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default: the number of thing classes, k-1, or k-N with --stuff N).", rich_help_panel="Method")]
@@ -124,10 +130,10 @@ MinRegion = Annotated[float, typer.Option("--min-region", help="Drop components 
 MinRegionPx = Annotated[int, typer.Option("--min-region-px", help="A component of at least this many pixels is always kept.", rich_help_panel="Method")]
 MaxSamples = Annotated[int, typer.Option("--max-samples", help="Patches sampled from the dataset for each k-means fit (memory bound).", rich_help_panel="Method")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice: same seed, same masks.", rich_help_panel="Method")]
-Cache = Annotated[Optional[Path], typer.Option("--cache", help="Feature/region cache folder (default $SEGCLI_CACHE or ~/.cache/segcli).", rich_help_panel="Input")]
-Features = Annotated[Optional[Path], typer.Option("--features", help="Use precomputed features DIR/<key>.npz instead of a backbone (format: README).", rich_help_panel="Input")]
+Cache = Annotated[Optional[Path], typer.Option("--cache", help="Feature/region cache folder (default $SEGCLI_CACHE or ~/.cache/segcli); may be an s3:// or gs:// URI.", rich_help_panel="Input", **_URI)]
+Features = Annotated[Optional[Path], typer.Option("--features", help="Use precomputed features DIR/<key>.npz instead of a backbone (format: README).", rich_help_panel="Input", **_URI)]
 Split = Annotated[Optional[str], typer.Option("--split", help="For a VOC layout: the ImageSets/Segmentation list to use (e.g. val).", rich_help_panel="Input")]
-Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here.", rich_help_panel="Output")]
+Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here.", rich_help_panel="Output", **_URI)]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finished masks of the same model in the output folder.", rich_help_panel="Output")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
 
@@ -145,7 +151,8 @@ _SHARED_OPTIONS = [
     ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
     ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
     ("stuff", Stuff, 0),
-    ("decode_workers", DecodeWorkers, None), ("compile", Compile, False), ("workers", Workers, None),
+    ("decode_workers", DecodeWorkers, None), ("compile", Compile, False), ("feature_cache", FeatureCacheOpt, True),
+    ("workers", Workers, None), ("device_path", DevicePath, None),
 ]
 
 
@@ -218,16 +225,28 @@ def _check_run_options(opts: dict) -> SegmentConfig:
 def _protect_inputs(source: Path, items: list, opts: dict, folders: dict, model_in: Path | None = None,
                     model_out: Path | None = None) -> None:
     """Refuse outputs (and the cache) that are, contain or lie inside an input (see check_apart_from_inputs)."""
+    from segcli import storage
     from segcli.features_source import default_cache_dir
     from segcli.outputs import check_apart_from_inputs
 
-    dirs = [source] if source.is_dir() else []
-    files = [item.path for item in items] + ([source] if source.is_file() else [])
+    is_dir = storage.is_dir(source)
+    dirs = [source] if is_dir else []
+    files = [item.path for item in items] + ([source] if not is_dir and storage.is_file(source) else [])
     if opts["features"] is not None:
         dirs.append(opts["features"])
     files += [p for p in (opts["weights"], model_in) if p is not None]
     folders = {**folders, "--overlay": opts["overlay"], "--cache": opts["cache"] or default_cache_dir()}
     check_apart_from_inputs(folders, dirs, files, {"--out": model_out})
+
+
+def _check_remote_outputs(*folders) -> None:
+    """Object-store folders written only at the end of a run (overlays, the model file's prefix): a missing
+    bucket or missing credentials stop the run before any work, not after the fit."""
+    from segcli import storage
+
+    for folder in folders:
+        if storage.is_remote(folder):
+            storage.check_writable(folder)
 
 
 def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
@@ -242,7 +261,9 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
     return Segmenter(config, model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
                      precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
                      batch_size=opts["batch_size"], decode_workers=opts["decode_workers"],
-                     compile=opts["compile"], workers=default_workers() if opts["workers"] is None else opts["workers"])
+                     compile=opts["compile"], feature_cache=opts["feature_cache"],
+                     workers=default_workers() if opts["workers"] is None else opts["workers"],
+                     device_path=opts["device_path"])
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:
@@ -261,9 +282,9 @@ def _finish(command: str, summary, out: Path | None, started: float) -> None:
 @handle_errors
 @with_shared_options
 def segment(
-    images: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout, or a .txt list of paths.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the label PNGs (same relative paths and stems).", rich_help_panel="Output")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Fitted model from cluster-dataset; without it segment fits on its own input first.", rich_help_panel="Method")] = None,
+    images: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout, or a .txt list of paths; or an s3:// / gs:// prefix (README: Data in object stores).", **_URI)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the label PNGs (same relative paths and stems); may be an s3:// or gs:// URI.", rich_help_panel="Output", **_URI)],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Fitted model from cluster-dataset (a path or an s3:// / gs:// URI); without it segment fits on its own input first.", rich_help_panel="Method", **_URI)] = None,
     **opts,
 ) -> None:
     """Write one label PNG per image: 0 = background, 1..k-1 = classes (with --stuff N: 0..N-1 stuff, N..k-1 things)."""
@@ -278,6 +299,7 @@ def segment(
     items = discover_images(images, opts["split"])
     _protect_inputs(images, items, opts, {"--out": out}, model_in=model)
     prepare_output_dir(out)
+    _check_remote_outputs(opts["overlay"])
     if model is not None:
         fitted = SegModel.load(model)
         if opts["backbone"] is not None:
@@ -297,9 +319,9 @@ def segment(
 @handle_errors
 @with_shared_options
 def cluster_dataset(
-    dataset: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout (with --split), or a .txt list of paths.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the fitted model (e.g. model.segcli).", rich_help_panel="Output")] = None,
-    masks: Annotated[Optional[Path], typer.Option("--masks", help="Also write the label PNGs of the dataset here.", rich_help_panel="Output")] = None,
+    dataset: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout (with --split), or a .txt list of paths; or an s3:// / gs:// prefix.", **_URI)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the fitted model (e.g. model.segcli, or an s3:// / gs:// URI).", rich_help_panel="Output", **_URI)] = None,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Also write the label PNGs of the dataset here (a folder or an s3:// / gs:// prefix).", rich_help_panel="Output", **_URI)] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: only extract features of the I-th of N parts into the cache (1-based), then exit; run once more without --shard to fit.", rich_help_panel="Input")] = None,
     **opts,
 ) -> None:
@@ -313,11 +335,14 @@ def cluster_dataset(
     started = time.perf_counter()
     reporter = RichReporter(opts["quiet"])
     part = _parse_shard(shard) if shard else None
+    if part is not None and not opts["feature_cache"]:
+        raise UsageError("--shard fills the feature cache: it cannot run with --no-feature-cache")
     if part is None and out is None and masks is None:
         raise UsageError("give --out FILE for the model (and/or --masks DIR), or --shard I/N to only extract features")
     config = _check_run_options(opts)
     items = discover_images(dataset, opts["split"])
     _protect_inputs(dataset, items, opts, {"--masks": masks}, model_out=out)
+    _check_remote_outputs(opts["overlay"], None if out is None else out.parent)
     if masks is not None:
         from segcli.outputs import prepare_output_dir
 
@@ -335,9 +360,11 @@ def cluster_dataset(
         return
     seg.fit(items)
     if out is not None:
+        from segcli import storage
+
         path = seg.model_.save(out)
         console.print(f"cluster-dataset: model fitted on {len(items) - len(seg.skipped)} images saved to {path} "
-                      f"({path.stat().st_size / 1024:.0f} KiB)")
+                      f"({storage.size(path) / 1024:.0f} KiB)")
     if masks is not None:
         summary = seg.predict(items, masks, overlay_dir=opts["overlay"], resume=opts["resume"])
         _finish("cluster-dataset", summary, masks, started)

@@ -273,11 +273,19 @@ def extract_features(
     return compute_features(backbone, x.unsqueeze(0), kind=kind)
 
 
+def crop_side(patch_size: int, size: int) -> int:
+    """The side of the crop forward's input: ``size`` rounded to a multiple of the patch (at least one patch)."""
+    return max(patch_size, int(round(size / patch_size)) * patch_size)
+
+
 def embed_crops(
     backbone: "Backbone", crops: list[np.ndarray], size: int = 224, batch_size: int = 32
 ) -> np.ndarray:
     """L2-normalised final-norm CLS tokens (n, embed_dim) float32 of RGB uint8 crops resized to size x size
     (the mean patch token for ViTs without a CLS token).
+
+    A crop may also be a (3, side, side) tensor already resized and normalised, on any device (the device
+    path's crops, :func:`segcli.batched.crop_batch`).
 
     ``size`` is rounded to a multiple of the patch size (at least one patch).
     """
@@ -287,15 +295,15 @@ def embed_crops(
     out = np.zeros((n, backbone.embed_dim), dtype=np.float32)
     if n == 0:
         return out
-    p = backbone.patch_size
-    side = max(p, int(round(size / p)) * p)
+    side = crop_side(backbone.patch_size, size)
     batch_size = max(1, int(batch_size))
     model = backbone.model
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             chunk = crops[start : start + batch_size]
-            x = torch.stack([resize_normalise(c, side, side, backbone.mean, backbone.std) for c in chunk])
-            x = x.to(backbone.device)
+            prepared = [c if isinstance(c, torch.Tensor) else resize_normalise(c, side, side, backbone.mean, backbone.std)
+                        for c in chunk]
+            x = torch.stack([t.to(backbone.device, non_blocking=True) for t in prepared])
             with backbone.autocast():
                 tokens = model.forward_features(x)
             cls = F.normalize(image_descriptor(backbone, tokens.float()), dim=-1)

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from segcli import storage
 from segcli.cache import CACHE_FORMAT, FeatureCache, FeatureFolder, ImageFeatures, has_proposal
 from segcli.config import FEATURE_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, SegcliError, UsageError
@@ -22,9 +23,13 @@ from segcli.report import Timings
 
 
 def default_cache_dir() -> Path:
-    """$SEGCLI_CACHE, else $XDG_CACHE_HOME/segcli, else ~/.cache/segcli."""
+    """$SEGCLI_CACHE (a path or an s3:// / gs:// URI), else $XDG_CACHE_HOME/segcli, else ~/.cache/segcli."""
     if os.environ.get("SEGCLI_CACHE"):
-        return Path(os.environ["SEGCLI_CACHE"])
+        return storage.location(os.environ["SEGCLI_CACHE"])
+    return _home_cache_dir()
+
+
+def _home_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "segcli"
 
@@ -48,13 +53,19 @@ class FeatureSource:
         timings: Timings | None = None,
         backbone=None,
         warn: Callable[[str], None] | None = None,
+        feature_cache: bool = True,
     ) -> None:
         self.config = config
+        # False: features are recomputed by every pass instead of written to and read from the cache (on a GPU
+        # a forward is cheaper than the npz I/O; region bundles are still cached).
+        self.feature_cache = bool(feature_cache)
         # The sizes every image's features must share (feature dim D, CLS dim C): fixed by the first features
         # the run reads or computes; a later file that differs is reported and skipped (a cache entry: redone).
         self.dims: dict[str, int] = {}
         self.warn = warn or (lambda message: None)
-        self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_root = storage.location(cache_dir) if cache_dir else default_cache_dir()
+        if storage.is_remote(self.cache_root):  # a missing bucket or no credentials: one line before any work
+            storage.check_writable(self.cache_root)
         self.batch_size = max(1, int(batch_size))
         # Background decode threads (None: default_decode_workers(); 0: decode in the calling thread) and the
         # number of images the scheduler may hold at once (None: default_lookahead(batch_size)).
@@ -63,7 +74,7 @@ class FeatureSource:
         self.timings = timings or Timings()
         self._digests: dict[str, str] = {}
         self.last_batch_sizes: list[int] = []  # device batch sizes of the last features() pass (statistics)
-        self.folder = FeatureFolder(Path(features_dir)) if features_dir else None
+        self.folder = FeatureFolder(storage.location(features_dir)) if features_dir else None
         self.backbone = backbone
         if self.folder is None and self.backbone is None:
             from segcli.backbone import load_backbone
@@ -71,9 +82,11 @@ class FeatureSource:
             with self.timings("load model"):
                 self.backbone = load_backbone(config.backbone, weights=weights, device=device, precision=precision)
         if compile and self.backbone is not None:
-            self.backbone.compile(self.cache_root / "inductor")
+            # torch's kernel cache needs a local folder: with an object-store cache it stays in the default one.
+            local = next(c for c in (self.cache_root, default_cache_dir(), _home_cache_dir()) if not storage.is_remote(c))
+            self.backbone.compile(local / "inductor")
         if self.folder is not None:
-            if not self.folder.root.is_dir():
+            if not storage.is_dir(self.folder.root):
                 raise UsageError(f"features folder not found: {self.folder.root}")
             # Any folder in the documented format: a model fitted on one can label another (dims are checked).
             self.identity = "features-folder"
@@ -106,8 +119,10 @@ class FeatureSource:
     def is_cached(self, item: ImageItem) -> bool:
         if self.folder is not None:
             return True
+        if not self.feature_cache:
+            return False
         try:
-            return self.cache.path(self.item_id(item)).is_file()
+            return storage.is_file(self.cache.path(self.item_id(item)))
         except BadImageError:
             return False
 
@@ -140,6 +155,8 @@ class FeatureSource:
                     slot.result = self._fix_dims(self.folder.load(item.key, item.path, self.dims))
                 return slot
             digest = self.item_id(item)
+            if not self.feature_cache:
+                return slot
             with self.timings("feature io"):
                 cached = self.cache.load(digest, self.dims)
             if cached is not None:
@@ -151,15 +168,17 @@ class FeatureSource:
     def _prepare(self, item: ImageItem):
         """Decode and preprocess one image for the backbone: the host work done ahead of the device.
 
-        Returns the normalised (3, H', W') float32 tensor, or the BadImageError that makes the image unusable.
+        Returns (the normalised (3, H', W') float32 tensor, the decoded image), or the BadImageError that makes
+        the image unusable. The decoded image goes on with the features, so the region step needs no second
+        decode.
         Runs in a decode worker (or inline with ``decode_workers=0``); timings are per-stage CPU seconds summed
         over the workers.
         """
         try:
             with self.timings("load images"):
-                rgb = load_image(item.path, self.config.work_max_side).rgb
+                img = load_image(item.path, self.config.work_max_side)
             with self.timings("preprocess"):
-                return self.backbone.prepare(rgb, self.config.short_side, self.config.max_side)
+                return self.backbone.prepare(img.rgb, self.config.short_side, self.config.max_side), img
         except BadImageError as exc:
             return exc
 
@@ -188,6 +207,8 @@ class FeatureSource:
         ) for i in range(len(slots))]
 
     def _save(self, item: ImageItem, f: ImageFeatures) -> None:
+        if not self.feature_cache:
+            return
         with self.timings("feature io"):
             self.cache.save(self.item_id(item), f)
 
@@ -202,7 +223,7 @@ class FeatureSource:
                 raise UsageError(f"--prior {self.config.prior} needs a CLS token, which {self.backbone.name} has not; "
                                  "use --prior levels")
             return
-        lacking = [p for p in (self.folder.path(i.key) for i in items) if p.is_file() and not has_proposal(p)]
+        lacking = [p for p in (self.folder.path(i.key) for i in items) if storage.is_file(p) and not has_proposal(p)]
         if lacking:
             raise InputError(f"--prior {self.config.prior} needs a 'proposal' array in every --features file, but "
                              f"{len(lacking)} of {len(items)} lack it (e.g. {lacking[0]}); add it (README: Bring your "
@@ -246,13 +267,14 @@ def default_lookahead(batch_size: int) -> int:
 class _Slot:
     """One image in the scheduler's window: decoding (``pending``), waiting in a bucket (``tensor``), or done."""
 
-    __slots__ = ("item", "result", "pending", "tensor")
+    __slots__ = ("item", "result", "pending", "tensor", "image")
 
     def __init__(self, item: ImageItem) -> None:
         self.item = item
         self.result: ImageFeatures | BadImageError | None = None
         self.pending: Future | None = None
         self.tensor = None
+        self.image = None  # the decoded image, handed on with the features
 
     @property
     def done(self) -> bool:
@@ -330,8 +352,8 @@ class _Schedule:
         if isinstance(prepared, BadImageError):
             slot.result = prepared
             return
-        slot.tensor = prepared
-        shape = tuple(prepared.shape)
+        slot.tensor, slot.image = prepared
+        shape = tuple(slot.tensor.shape)
         group = self.buckets.setdefault(shape, [])
         group.append(slot)
         if len(group) >= self.src.batch_size:
@@ -343,6 +365,7 @@ class _Schedule:
         self.batch_sizes.append(len(group))
         for slot, f in zip(group, self.src._device_batch(group)):
             slot.result = self.src._fix_dims(f)
+            f.image, slot.image = slot.image, None
             if self.pool is None:
                 self.src._save(slot.item, f)
             else:

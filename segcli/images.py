@@ -22,11 +22,16 @@ Pixel conversions (every PIL mode ends as RGB):
 * ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``HSV`` use PIL's own conversion.
 
 Multi-frame files (GIF, TIFF, APNG) use their first frame.
+
+Inputs may live in an object store (``s3://bucket/prefix``, ``gs://...``; :mod:`segcli.storage`): a prefix is
+listed like a folder (one recursive listing, same extension filter, hidden names skipped, same keys), a VOC
+layout and a single image object too; each image is downloaded when it is read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
@@ -37,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from segcli import storage
 from segcli.errors import BadImageError, InputError
 
 log = logging.getLogger(__name__)
@@ -113,7 +119,11 @@ def discover_images(source: str | Path, split: str | None = None) -> list[ImageI
     so no output name depends on which file happens to sort first.
 
     ``split`` is only valid for a VOC layout (:class:`InputError` otherwise).
+
+    An object-store URI (``s3://``, ``gs://``) is listed the same way (:func:`_discover_objects`).
     """
+    if storage.is_uri(source):
+        return _discover_objects(storage.location(source), split)
     src = Path(os.path.expanduser(str(source)))
     if not src.exists():
         if src.is_symlink():
@@ -155,6 +165,74 @@ def discover_images(source: str | Path, split: str | None = None) -> list[ImageI
     raise InputError(
         f"input is neither a folder, a .txt list nor an image ({_looked_for()}): {src}"
     )
+
+
+def _discover_objects(src: storage.ObjectPath, split: str | None) -> list[ImageItem]:
+    """:func:`discover_images` for an object-store prefix, from one recursive listing: a plain folder (every
+    image object below it, hidden names skipped, keys as for a local folder), a VOC layout, or one image.
+    A ``.txt`` list must be local (it may name image URIs)."""
+    suffix = src.suffix.lower()
+    if suffix == ".txt":
+        raise InputError(f"a list file must be a local file (its lines may be s3:// or gs:// URIs): {src}")
+    files = storage.list_files(src)
+    if not files:
+        if suffix in IMAGE_EXTENSIONS and storage.is_file(src):
+            if split is not None:
+                raise InputError(f"--split {split!r} only applies to a PASCAL VOC folder, not to the image {src}")
+            return [ImageItem(src, src.stem)]
+        raise InputError(f"input folder not found: {src} (no objects under this prefix)")
+    listed = set(files)
+    for sub in ("", "VOC2012/", "VOCdevkit/VOC2012/"):
+        if any(f.startswith(sub + "JPEGImages/") for f in files) and any(
+                f.startswith(sub + "ImageSets/Segmentation/") for f in files):
+            jpeg = sub + "JPEGImages/"
+            if split is None:
+                items = _object_items(src, [f for f in files if f.startswith(jpeg)], len(jpeg))
+                if not items:
+                    raise InputError(f"no images found in {src / jpeg} (looked for {_looked_for()})")
+                return items
+            if not split or "/" in split or "\\" in split or split.startswith("."):
+                raise InputError(f"bad split name {split!r}")
+            split_file = src / f"{sub}ImageSets/Segmentation/{split}.txt"
+            if split_file.relative_to(src) not in listed:
+                raise InputError(f"VOC split {split!r} not found: {split_file}")
+            by_name = {f[len(jpeg):].lower(): f for f in files if f.startswith(jpeg)}
+            items, seen = [], set()
+            for lineno, image_id in _parse_list_text(storage.read_bytes(split_file), split_file):
+                if os.path.isabs(image_id) or any(p in ("", ".", "..") for p in image_id.split("/")):
+                    raise InputError(f"{split_file}:{lineno}: bad image id {image_id!r}")
+                if image_id in seen:
+                    continue
+                seen.add(image_id)
+                candidates = [f"{image_id}.jpg"] + [f"{image_id}{ext}" for ext in sorted(IMAGE_EXTENSIONS)]
+                name = next((by_name[c.lower()] for c in candidates if c.lower() in by_name), f"{jpeg}{image_id}.jpg")
+                items.append(ImageItem(src / name, image_id))
+            if not items:
+                raise InputError(f"no image ids listed in {split_file}")
+            return sorted(items, key=lambda it: it.key)
+    if split is not None:
+        raise InputError(f"--split {split!r} needs a PASCAL VOC folder (with JPEGImages/ and ImageSets/Segmentation/), "
+                         f"but {src} is a plain folder")
+    items = _object_items(src, files, 0)
+    if not items:
+        raise InputError(f"no images found in {src} (looked for {_looked_for()})")
+    return items
+
+
+def _object_items(src: storage.ObjectPath, files: list[str], strip: int) -> list[ImageItem]:
+    """Image items of listed object names (relative to ``src``; the first ``strip`` characters dropped from keys),
+    filtered and keyed exactly as :func:`_walk_folder` does for a local folder."""
+    found: list[tuple[str, str, str]] = []  # (name below src, key without extension, extension as written)
+    for name in files:
+        rel = name[strip:].split("/")
+        if any(part.startswith(".") for part in rel):
+            continue
+        stem, ext = os.path.splitext(rel[-1])
+        if ext.lower() not in IMAGE_EXTENSIONS or not stem:
+            continue
+        found.append((name, "/".join(rel[:-1] + [stem]), ext))
+    keys = _disambiguate([(k, e) for _, k, e in found])
+    return sorted((ImageItem(src / name, k) for (name, _, _), k in zip(found, keys)), key=lambda it: it.key)
 
 
 def _find_voc_root(src: Path) -> Path | None:
@@ -304,11 +382,18 @@ def _disambiguate(bases: list[tuple[str, str]]) -> list[str]:
 
 def _read_list_lines(list_file: Path) -> list[tuple[int, str]]:
     try:
-        text = list_file.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(f"bad list file {list_file}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        data = list_file.read_bytes()
     except OSError as err:
         raise InputError(f"cannot read list file {list_file}: {err.strerror or err}") from err
+    return _parse_list_text(data, list_file)
+
+
+def _parse_list_text(data: bytes, list_file: Path | storage.ObjectPath) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank, non-comment lines of a list file's bytes."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"bad list file {list_file}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     if "\x00" in text:
         raise InputError(f"bad list file {list_file}: contains NUL bytes (is it a text file?)")
     out = []
@@ -326,6 +411,13 @@ def _list_file_items(list_file: Path) -> list[ImageItem]:
     entries: list[tuple[Path, str, str, int]] = []  # path, key base, ext, line number
     seen: set[str] = set()
     for lineno, line in lines:
+        if storage.is_uri(line):  # an object: keyed by its name, like a local file outside the list's folder
+            obj = storage.location(line)
+            if str(obj) not in seen:
+                seen.add(str(obj))
+                stem, ext = os.path.splitext(obj.name)
+                entries.append((obj, stem, ext, lineno) if stem else (obj, obj.name, "", lineno))
+            continue
         expanded = os.path.expanduser(line)
         path_str = os.path.normpath(expanded if os.path.isabs(expanded) else os.path.join(base, expanded))
         if path_str in seen:
@@ -374,28 +466,33 @@ def load_image(path: Path, max_side: int | None = 2048) -> LoadedImage:
     The whole image is decoded (truncated files are errors, never padded with grey).
 
     Raises :class:`BadImageError` ``"<path>: <reason>"`` for missing, empty, truncated, corrupt, unsupported,
-    or too large (decompression bomb) files.
+    or too large (decompression bomb) files. An object-store ``path`` is downloaded first (a missing or
+    unreadable object is a BadImageError too).
     """
-    path = Path(path)
+    path = path if storage.is_remote(path) else Path(path)
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
 
     def bad(reason: str) -> BadImageError:
         return BadImageError(f"{path}: {reason}")
 
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise bad("file not found" + (" (broken symlink)" if os.path.islink(path) else "")) from None
-    except OSError as err:
-        raise bad(f"cannot read: {err.strerror or err}") from None
-    if not os.path.isfile(path):
-        raise bad("not a regular file")
-    if st.st_size == 0:
-        raise bad("empty file (0 bytes)")
+    if storage.is_remote(path):
+        source = _download(path, bad)
+    else:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise bad("file not found" + (" (broken symlink)" if os.path.islink(path) else "")) from None
+        except OSError as err:
+            raise bad(f"cannot read: {err.strerror or err}") from None
+        if not os.path.isfile(path):
+            raise bad("not a regular file")
+        if st.st_size == 0:
+            raise bad("empty file (0 bytes)")
+        source = path
 
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             return _decode(im, max_side)
     except BadImageError:
         raise
@@ -414,6 +511,17 @@ def load_image(path: Path, max_side: int | None = 2048) -> LoadedImage:
         if isinstance(err, ValueError) and ("mode" in text.lower() or "conversion" in text.lower()):
             raise bad(f"unsupported image: {text}") from None
         raise bad(f"corrupt or unsupported image data ({type(err).__name__}: {text})") from None
+
+
+def _download(path: storage.ObjectPath, bad) -> io.BytesIO:  # noqa: ANN001
+    """An image object's bytes, or ``bad(reason)`` raised (missing, unreadable, empty)."""
+    try:
+        data = storage.read_bytes(path)
+    except InputError as exc:
+        raise bad(getattr(exc, "reason", str(exc))) from None
+    if not data:
+        raise bad("empty file (0 bytes)")
+    return io.BytesIO(data)
 
 
 def _decode(im: Image.Image, max_side: int | None) -> LoadedImage:
@@ -498,6 +606,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def content_digest(path: Path) -> str:
     """SHA-256 hex digest of the file's bytes (read in 1 MiB chunks); a cache key that follows content."""
     h = hashlib.sha256()
+    if storage.is_remote(path):
+        try:
+            h.update(storage.read_bytes(path))
+        except InputError as exc:
+            raise BadImageError(f"{path}: {getattr(exc, 'reason', exc)}") from None
+        return h.hexdigest()
     try:
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):

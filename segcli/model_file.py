@@ -1,7 +1,8 @@
 """The fitted model: what `cluster-dataset` writes and `segment --model` reads.
 
 Stored as safetensors (plain arrays plus a JSON header), so loading a model file can never execute code,
-unlike a pickle. It holds centroids and decisions only, never features: kilobytes to a few MB.
+unlike a pickle. It holds centroids and decisions only, never features: kilobytes to a few MB. The path may be
+an object-store URI (``s3://``, ``gs://``; :mod:`segcli.storage`): the file is uploaded whole, atomically.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli import __version__
+from segcli import __version__, storage
 from segcli.arrays import ArrayCheckError, ArraySpec, check_arrays
 from segcli.config import SegmentConfig
 from segcli.errors import ModelError, UsageError
@@ -143,28 +144,30 @@ class SegModel:
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:16]
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        if path.is_dir():
+    def save(self, path: str | Path | storage.ObjectPath) -> Path | storage.ObjectPath:
+        path = storage.location(path)
+        if storage.is_dir(path):
             raise UsageError(f"model path {path} is a folder; give a file name such as {path / 'model.segcli'}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(path.parent)
         data = self.to_bytes()
         atomic_write(path, lambda fh: fh.write(data))
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "SegModel":
+    def load(cls, path: str | Path | storage.ObjectPath) -> "SegModel":
         from safetensors import SafetensorError
         from safetensors.numpy import load
 
-        path = Path(path)
-        if not path.is_file():
+        path = storage.location(path)
+        if not storage.is_file(path):
             raise ModelError(f"model file not found: {path}")
         try:
-            raw = path.read_bytes()
+            raw = storage.read_bytes(path, ModelError)
             arrays = load(raw)
             header_len = int.from_bytes(raw[:8], "little")
             meta = json.loads(raw[8: 8 + header_len]).get("__metadata__", {})
+        except ModelError:  # an object that could not be downloaded: the store's own reason
+            raise
         except (SafetensorError, ValueError, OSError, json.JSONDecodeError, Exception) as exc:  # noqa: BLE001
             raise ModelError(f"{path} is not a segcli model file or is damaged ({type(exc).__name__})") from None
         if meta.get("format") != FORMAT:

@@ -5,6 +5,8 @@
   a hidden ``*.tmp`` leftover, never a half-written result that a resumed run would take as done.
 * Output names come from image keys and never leave the output folder (:func:`output_path`).
 * Label maps are palette PNGs (mode ``P``): pixel value = class id, shown with the PASCAL VOC colour map.
+* Every function also takes object-store locations (:class:`segcli.storage.ObjectPath`, ``s3://``/``gs://``):
+  an object is uploaded whole in one request, which is atomic for readers (:func:`segcli.storage.put_atomic`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 from PIL import Image
 
+from segcli import storage
 from segcli.errors import OutputError
 
 
@@ -53,11 +56,17 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
-def prepare_output_dir(out_dir: str | Path) -> Path:
+def prepare_output_dir(out_dir: str | Path | storage.ObjectPath) -> Path | storage.ObjectPath:
     """Create ``out_dir`` (and parents) if needed, check that files can be created in it, return it resolved.
 
-    :class:`OutputError` if it exists as a file, cannot be created, or is not writable.
+    :class:`OutputError` if it exists as a file, cannot be created, or is not writable. An object-store prefix
+    needs no creation: a probe object is written and deleted under it (missing bucket, no credentials, no
+    write access: one line, before any work).
     """
+    if storage.is_uri(out_dir):
+        out = storage.location(out_dir)
+        storage.check_writable(out)
+        return out
     out = Path(os.path.expanduser(str(out_dir)))
     if out.exists() and not out.is_dir():
         raise OutputError(f"output folder is a file: {out}")
@@ -92,6 +101,8 @@ def output_path(out_dir: Path, key: str, suffix: str = ".png") -> Path:
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise OutputError(f"refusing output name {key!r}: empty, '.' or '..' path parts")
+    if storage.is_remote(out_dir):  # no folders and no symlinks in an object store: the checked name is the path
+        return out_dir.joinpath(*parts[:-1], parts[-1] + suffix)
     root = Path(out_dir).resolve()
 
     def inside(p: Path) -> bool:
@@ -125,7 +136,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` atomically: ``write(f)`` fills a hidden temp file in the same folder (``.<name>.*.tmp``),
     which is flushed, fsynced and renamed over ``path``. On any exception the temp file is removed and the
     exception re-raised (``OSError`` as :class:`OutputError` naming the file); ``path`` is left untouched.
+    An object-store ``path`` is uploaded whole once ``write`` has finished (:func:`segcli.storage.put_atomic`).
     """
+    if storage.is_remote(path):
+        storage.put_atomic(path, write)
+        return
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
@@ -187,12 +202,12 @@ def save_label_png(path: Path, labels: np.ndarray) -> None:
     arr = _check_labels(labels)
     im = Image.fromarray(np.ascontiguousarray(arr))  # mode L
     im.putpalette(VOC_PALETTE)  # -> mode P, pixel values unchanged
-    atomic_write(Path(path), lambda f: im.save(f, format="PNG"))
+    atomic_write(storage.location(path), lambda f: im.save(f, format="PNG"))
 
 
 def read_label_png(path: Path) -> np.ndarray:
     """The pixel values (class ids) of a palette or greyscale PNG as ``uint8`` (palette not applied)."""
-    with Image.open(path) as im:
+    with Image.open(storage.readable(storage.location(path))) as im:
         im.load()
         if im.mode not in ("P", "L"):
             raise ValueError(f"{path}: not a label PNG (mode {im.mode}, expected P or L)")
@@ -226,7 +241,7 @@ def save_overlay(path: Path, rgb: np.ndarray, labels: np.ndarray, alpha: float =
     out[edge] = colour[edge]
     result = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
-    path = Path(path)
+    path = storage.location(path)
     if path.suffix.lower() in (".jpg", ".jpeg"):
         atomic_write(path, lambda f: result.save(f, format="JPEG", quality=90))
     else:
@@ -247,7 +262,13 @@ def _boundaries(lab: np.ndarray, width: int) -> np.ndarray:
 
 
 def is_complete_png(path: Path) -> bool:
-    """True when ``path`` is a PNG that ends with its IEND chunk and decodes fully (a finished result)."""
+    """True when ``path`` is a PNG that ends with its IEND chunk and decodes fully (a finished result).
+
+    An object is checked by its last bytes only (one ranged read, no download): objects are published whole,
+    so one that ends with IEND was written completely.
+    """
+    if storage.is_remote(path):
+        return storage.read_tail(path, len(_PNG_END)) == _PNG_END
     path = Path(path)
     try:
         if not path.is_file():
@@ -271,8 +292,11 @@ def is_complete_png(path: Path) -> bool:
 def remove_stale_temporaries(folder: Path) -> int:
     """Delete ``.<name>.*.tmp`` leftovers of a killed run below ``folder``; returns how many.
 
-    SIGKILL leaves no chance to clean up, so a restarted run sweeps them before writing anything.
+    SIGKILL leaves no chance to clean up, so a restarted run sweeps them before writing anything. An
+    object-store folder has none: nothing is staged there (objects are uploaded whole).
     """
+    if storage.is_remote(folder):
+        return 0
     removed = 0
     for p in Path(folder).rglob(".*.tmp"):
         if p.is_file() and not p.is_symlink():
@@ -294,10 +318,14 @@ def check_apart_from_inputs(outputs: dict[str, Path | None], input_dirs: list[Pa
     an input file (``input_files``: every image, list file, weights or model file). ``output_files`` (the
     model file of ``cluster-dataset --out``) may neither be an input file nor lie inside an input folder.
     Paths are compared resolved, so symlinks cannot hide an overlap. Nothing is created before this check.
+    Object-store locations are compared by their canonical URI (``s3a://`` is ``s3://``, ``gcs://`` is
+    ``gs://``) and prefix; a local path never overlaps an object.
     """
     from segcli.errors import UsageError
 
-    def real(p: Path) -> Path:
+    def real(p: Path | storage.ObjectPath) -> Path | storage.ObjectPath:
+        if storage.is_uri(p):
+            return storage.location(p)
         return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
 
     dirs = [real(d) for d in input_dirs]
@@ -315,7 +343,7 @@ def check_apart_from_inputs(outputs: dict[str, Path | None], input_dirs: list[Pa
                 raise UsageError(f"{option} {path} {how} the input folder {d}: segcli never writes among its "
                                  "inputs; choose a folder outside it")
         if o in file_parents or o in files:
-            inside = sorted(f for f in files if o in f.parents or o == f)[0]
+            inside = sorted((f for f in files if o in f.parents or o == f), key=str)[0]
             raise UsageError(f"{option} {path} holds the input {inside}: segcli never writes among its inputs; "
                              "choose a folder outside it")
     for option, path in (output_files or {}).items():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli import steps
+from segcli import steps, storage
 from segcli.cache import CACHE_LAYOUT, EntryStore, ImageFeatures
 from segcli.config import REGION_FIELDS, SegmentConfig
 from segcli.engines.local import LocalEngine
@@ -63,7 +63,7 @@ class Segmenter:
 
     def __init__(self, config: SegmentConfig | None = None, *, model: SegModel | None = None,
                  source: FeatureSource | None = None, reporter: Reporter | None = None, engine: LocalEngine | None = None,
-                 workers: int = 0, **source_kwargs) -> None:
+                 workers: int = 0, device_path: bool | None = None, **source_kwargs) -> None:
         if model is not None:
             config = model.config
         self.config = config or SegmentConfig()
@@ -82,7 +82,8 @@ class Segmenter:
             self.reporter.note(f"backbone {bb.name} ({bb.system}) with weights from {bb.weights_source}")
         # Where the per-image host steps run (segcli.engines); the device stages stay with the feature source.
         # workers > 0: a pool of that many processes (--workers; 0 = this process), same results either way.
-        self.engine = engine or LocalEngine(self.timings, workers=workers)
+        # device_path: the region pass batched on the device (None: when the backbone runs on CUDA).
+        self.engine = engine or self._default_engine(workers, device_path)
         self.skipped: dict[str, str] = {}
         self.model_: SegModel | None = None
         if model is not None:
@@ -90,6 +91,22 @@ class Segmenter:
             self.model_ = model
 
     # ------------------------------------------------------------------ helpers
+    def _default_engine(self, workers: int = 0, device_path: bool | None = None):
+        """The local engine (``workers`` processes for the host steps); with ``device_path`` (default: when the
+        backbone runs on CUDA) the region pass batched on the backbone's device around it (on the CPU when
+        there is no GPU: the same results, no speed-up)."""
+        inner = LocalEngine(self.timings, workers=workers)
+        if device_path is None:
+            device_path = self._refine_device() != "cpu"
+        if not device_path:
+            return inner
+        from segcli.engines.device import DeviceEngine
+
+        if self.source.backbone is None:  # --features: no device, no crop forward
+            return DeviceEngine("cpu", self.source.batch_size, inner, None, self.timings)
+        return DeviceEngine.for_backbone(self.source.backbone, self.config, self.source.batch_size, inner, self.timings,
+                                         device=self._refine_device())
+
     def _check_model(self, model: SegModel) -> None:
         if model.weights_id != self.source.identity:
             raise ModelError(
@@ -326,11 +343,11 @@ class Segmenter:
         crops_held = bytes_held = 0
 
         def flush():
-            crops = [c for *_, cs, _ in group if cs for c in cs]
+            crops = [c for *_, cs, _ in group if cs is not None for c in cs]  # arrays, or device tensors
             emb = self.source.embed_crops(crops) if crops else None
             start = 0
             for item, f, bundle, cs, fresh in group:
-                if cs:
+                if cs is not None and len(cs):
                     bundle = steps.with_embeddings(bundle, emb[start:start + len(cs)])
                     start += len(cs)
                 if fresh:
@@ -351,8 +368,9 @@ class Segmenter:
                 continue
             bundle, crops, fresh = result
             group.append((item, f, bundle, crops, fresh))
-            crops_held += len(crops or ())
-            bytes_held += sum(c.nbytes for c in crops or ())
+            if crops is not None:
+                crops_held += len(crops)
+                bytes_held += sum(c.nbytes for c in crops)
             if crops_held >= CROP_GROUP_CROPS or len(group) >= CROP_GROUP_IMAGES or bytes_held >= CROP_GROUP_BYTES:
                 yield from flush()
                 crops_held = bytes_held = 0
@@ -385,7 +403,7 @@ class Segmenter:
             if item.key in self.skipped:
                 continue
             target = output_path(out, item.key, ".png")
-            if done and is_complete_png(target) and (ov is None or (output_path(ov, item.key, ".jpg")).is_file()):
+            if done and is_complete_png(target) and (ov is None or storage.is_file(output_path(ov, item.key, ".jpg"))):
                 summary.reused += 1
             else:
                 todo.append(item)
@@ -418,8 +436,8 @@ class Segmenter:
         stamp = {"model": self.model_.digest()}
         path = out / MANIFEST
         try:
-            same = resume and json.loads(path.read_text()) == stamp
-        except (OSError, ValueError):
+            same = resume and json.loads(storage.read_bytes(path)) == stamp
+        except (OSError, ValueError, InputError):
             same = False
         if not same:
             data = json.dumps(stamp).encode()

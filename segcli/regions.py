@@ -67,18 +67,24 @@ def split_regions(regions: np.ndarray, patch_labels: np.ndarray, min_area: float
     return out, n
 
 
-def region_crops(rgb: np.ndarray, regions: np.ndarray, n: int, margin: float = 0.1) -> list[np.ndarray]:
-    """Bounding-box crop of each region with a relative margin (the object plus a little context)."""
+def region_boxes(regions: np.ndarray, n: int, margin: float = 0.1) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) half-open bounding box of each region 1..n, grown by a relative margin and clipped to
+    the image (the object plus a little context)."""
     H, W = regions.shape
-    crops = []
+    boxes = []
     for sl in ndimage.find_objects(regions, max_label=n):
         if sl is None:  # cannot happen for labels from find_regions, kept for safety
-            crops.append(rgb[:1, :1])
+            boxes.append((0, 1, 0, 1))
             continue
         y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
         my, mx = int(round((y1 - y0) * margin)), int(round((x1 - x0) * margin))
-        crops.append(rgb[max(0, y0 - my): min(H, y1 + my), max(0, x0 - mx): min(W, x1 + mx)])
-    return crops
+        boxes.append((max(0, y0 - my), min(H, y1 + my), max(0, x0 - mx), min(W, x1 + mx)))
+    return boxes
+
+
+def region_crops(rgb: np.ndarray, regions: np.ndarray, n: int, margin: float = 0.1) -> list[np.ndarray]:
+    """Bounding-box crop of each region with a relative margin (:func:`region_boxes`)."""
+    return [rgb[y0:y1, x0:x1] for y0, y1, x0, x1 in region_boxes(regions, n, margin)]
 
 
 def regions_on_grid(regions: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

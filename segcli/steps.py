@@ -23,7 +23,7 @@ from segcli.foreground import PROPOSAL_VOTE_WEIGHT, fuse, image_level_clusters
 from segcli.images import ImageItem, load_image
 from segcli.kmeans import assign_nearest
 from segcli.model_file import SegModel
-from segcli.regions import find_regions, pooled_embeddings, region_crops, regions_on_grid, split_regions
+from segcli.regions import find_regions, pooled_embeddings, region_boxes, region_crops, regions_on_grid, split_regions
 from segcli.report import Timings
 from segcli.stuff import refine_stuff, stuff_probabilities
 
@@ -38,6 +38,15 @@ REGION_SPECS: dict[str, ArraySpec] = {
 }
 
 Bundle = dict[str, np.ndarray]
+Foreground = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # (hard, soft, image-level clusters)
+CropSpec = tuple[int, tuple, tuple]  # (side, mean, std) of the crop forward's input
+
+
+def torch_image(rgb: np.ndarray, device="cpu"):
+    """(H, W, 3) uint8 RGB as a (3, H, W) uint8 tensor on ``device``."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(device)
 
 
 def check_region_bundle(b: Bundle) -> None:
@@ -103,20 +112,24 @@ def foreground(model: SegModel, f: ImageFeatures) -> tuple[np.ndarray, np.ndarra
 
 
 def regions_before_crops(model: SegModel, item: ImageItem, f: ImageFeatures, device="cpu",
-                         timings: Timings | None = None) -> tuple[Bundle, list[np.ndarray] | None]:
+                         timings: Timings | None = None, fg: Foreground | None = None,
+                         crop_spec: CropSpec | None = None) -> tuple[Bundle, list | None]:
     """One image's region step up to the crop forward: fusion, refinement at the working size, regions.
 
     Returns (bundle, crops). With crops (``--assign cls``), the bundle's embeddings are still to come from a
     crop forward (:func:`with_embeddings`), so the crops of several images can share one device batch.
-    ``device`` is where the torch refiner runs (the backbone's CUDA device, else the CPU).
+    ``device`` is where the torch refiner runs (the backbone's CUDA device, else the CPU). ``fg``: this
+    image's :func:`foreground`, when it was computed already (batched on a device, :mod:`segcli.batched`).
+    ``crop_spec`` (side, mean, std): cut the crops on ``device`` and resize them there, ready for the crop
+    forward (:func:`segcli.batched.crop_batch`), instead of giving RGB arrays back.
     """
     from segcli.refine import refine_mask
 
     cfg, timings = model.config, timings or Timings()
     with timings("clustering"):
-        _, soft, clusters = foreground(model, f)
+        _, soft, clusters = fg if fg is not None else foreground(model, f)
     with timings("load images"):
-        img = load_image(item.path, cfg.work_max_side)
+        img = f.image if f.image is not None else load_image(item.path, cfg.work_max_side)
     rgb = img.rgb
     with timings("crf"):
         prob = upsample(soft, rgb.shape[:2])
@@ -131,7 +144,14 @@ def regions_before_crops(model: SegModel, item: ImageItem, f: ImageFeatures, dev
             regions, n = split_regions(regions, clusters, min(cfg.min_region_frac * fg.size, float(cfg.min_region_px)))
         fg_grid = regions_on_grid(regions, f.grid) > 0
     crops = None
-    if cfg.assign == "cls" and n:
+    if cfg.assign == "cls" and n and crop_spec is not None:
+        from segcli.batched import crop_batch
+
+        with timings("regions"):
+            rgb_t = torch_image(rgb, device)
+            crops = crop_batch(rgb_t, region_boxes(regions, n, cfg.crop_margin), *crop_spec)
+        emb = np.zeros((n, 0), np.float32)  # replaced by the crop forward
+    elif cfg.assign == "cls" and n:
         # Copies: a view would keep the whole working-size image alive while the crops wait for their batch.
         crops = [np.ascontiguousarray(c) for c in region_crops(rgb, regions, n, cfg.crop_margin)]
         emb = np.zeros((n, 0), np.float32)  # replaced by the crop forward
@@ -234,7 +254,8 @@ def write_masks(model: SegModel, item: ImageItem, f: ImageFeatures | None, bundl
     rgb = None
     if has_stuff(model) or overlay is not None:
         with timings("load images"):
-            rgb = load_image(item.path, model.config.work_max_side).rgb
+            img = f.image if f is not None and f.image is not None else load_image(item.path, model.config.work_max_side)
+            rgb = img.rgb
     lab = labels(model, f, bundle, rgb, device, timings)
     size = tuple(int(v) for v in bundle["original_size"])
     with timings("write"):
@@ -244,12 +265,13 @@ def write_masks(model: SegModel, item: ImageItem, f: ImageFeatures | None, bundl
 
 
 def regions_step(item: ImageItem, f: ImageFeatures, cached: Bundle | None, *, model: SegModel, device="cpu",
-                 timings: Timings | None = None) -> tuple[Bundle, list[np.ndarray] | None, bool]:
+                 timings: Timings | None = None, fg: Foreground | None = None,
+                 crop_spec: CropSpec | None = None) -> tuple[Bundle, list | None, bool]:
     """The region pass of one image: (bundle, crops waiting for the crop forward, fresh). A bundle read from
     the cache is passed through (fresh False); otherwise :func:`regions_before_crops` computes it."""
     if cached is not None:
         return cached, None, False
-    bundle, crops = regions_before_crops(model, item, f, device, timings)
+    bundle, crops = regions_before_crops(model, item, f, device, timings, fg, crop_spec)
     return bundle, crops, True
 
 

@@ -6,7 +6,7 @@ import sys
 
 def test_cli_import_is_light():
     code = ("import sys, segcli.cli; heavy = [m for m in ('torch', 'timm', 'numpy', 'scipy', 'sklearn', 'PIL', "
-            "'segcli.pipeline', 'segcli.backbone') if m in sys.modules]; print(','.join(heavy))")
+            "'segcli.pipeline', 'segcli.backbone', 'fsspec', 's3fs', 'gcsfs', 'botocore') if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"imported at start-up: {out}"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segcli import storage
 from segcli.errors import InputError, UsageError
 from segcli.evaluate.config import MATCHINGS, PROTOCOLS, EvaluationConfig, available_cores
 from segcli.evaluate.labels import LabelSpec, resolve_spec
@@ -105,7 +106,7 @@ def evaluate(
     config = config or EvaluationConfig()
     workers = _check(config)
     spec = resolve_spec(config)
-    pairing = pair_files(Path(pred_dir), Path(gt), config.split, config.allow_missing)
+    pairing = pair_files(storage.location(pred_dir), storage.location(gt), config.split, config.allow_missing)
     opts = ScoreOptions(config.protocol, config.strict_size, config.per_image, config.matching, config.num_clusters)
 
     start = time.perf_counter()

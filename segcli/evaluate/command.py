@@ -12,7 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from segcli import storage
 from segcli.evaluate.config import EvaluationConfig
+from segcli.storage import parse_option
 
 
 class PresetName(str, Enum):
@@ -36,14 +38,16 @@ class Matching(str, Enum):
 def evaluate_command(
     pred_dir: Annotated[
         Path,
-        typer.Argument(metavar="PRED_DIR", help="Folder of predicted label PNGs (pixel value = cluster id 0..255)."),
+        typer.Argument(metavar="PRED_DIR", help="Folder of predicted label PNGs (pixel value = cluster id 0..255); or an s3:// / gs:// prefix.",
+                       parser=parse_option),
     ],
     gt: Annotated[
         Path,
         typer.Argument(
             metavar="GT",
             help="Ground-truth folder, paired by relative path and name; or a VOC layout (VOCdevkit, VOC2012 or "
-            "its SegmentationClass).",
+            "its SegmentationClass); either may be an s3:// / gs:// prefix.",
+            parser=parse_option,
         ),
     ],
     preset: Annotated[
@@ -184,9 +188,9 @@ def evaluate_command(
     from segcli.outputs import check_apart_from_inputs
 
     # Never write among the inputs: --remap-out apart from both folders, --json/--plot not over or among them.
-    inputs = [Path(p) for p in (pred_dir, gt)]
-    check_apart_from_inputs({"--remap-out": remap_out}, [p for p in inputs if p.is_dir()],
-                            [p for p in inputs if p.is_file()],
+    inputs = [storage.location(p) for p in (pred_dir, gt)]
+    check_apart_from_inputs({"--remap-out": remap_out}, [p for p in inputs if storage.is_dir(p)],
+                            [p for p in inputs if storage.is_file(p)],
                             {"--json": None if json_to_stdout else json_out, "--plot": plot})
     console = Console(stderr=json_to_stdout)
     err = Console(stderr=True)

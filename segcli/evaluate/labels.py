@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segcli import storage
 from segcli.errors import InputError, UsageError
 from segcli.evaluate.config import EvaluationConfig
 from segcli.evaluate.presets import PRESETS
@@ -122,7 +123,7 @@ def open_label(path: Path, what: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(path)
+        img = Image.open(storage.readable(path))
         img.load()
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -4,13 +4,16 @@ Files are keyed by their path relative to the folder, without the extension (``a
 key ``a/b``), so any image extension works on either side. Ground truth may be a plain folder or a PASCAL VOC
 layout: ``VOCdevkit``, ``VOCdevkit/VOC2012``, ``VOC2012`` or its ``SegmentationClass`` folder; ``--split val``
 then keeps the ids of ``ImageSets/Segmentation/val.txt``. ``--split`` may also name a file of ids.
+Either folder may be an object-store prefix (``s3://``, ``gs://``; :mod:`segcli.storage`), listed in one request
+per 1000 objects.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from segcli import storage
 from segcli.errors import InputError, UsageError
 
 IMAGE_EXTS = frozenset({".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg", ".webp", ".ppm", ".pgm", ".pbm"})
@@ -42,11 +45,12 @@ class Pairing:
 def scan_images(root: Path, what: str) -> dict[str, Path]:
     """key -> path of every image file under ``root`` (hidden files and folders skipped)."""
     found: dict[str, Path] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
+    remote = storage.is_remote(root)
+    for path in (root / name for name in storage.list_files(root)) if remote else sorted(root.rglob("*")):
+        rel = PurePosixPath(path.relative_to(root))
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if path.suffix.lower() not in IMAGE_EXTS or not path.is_file():
+        if path.suffix.lower() not in IMAGE_EXTS or not (remote or path.is_file()):
             continue
         key = rel.with_suffix("").as_posix()
         if key in found:
@@ -58,17 +62,17 @@ def scan_images(root: Path, what: str) -> dict[str, Path]:
 def find_voc_root(gt: Path) -> Path | None:
     """The ``VOC2012``-like folder (holding SegmentationClass) that ``gt`` designates, if any."""
     for cand in (gt / "VOCdevkit" / "VOC2012", gt / "VOC2012", gt):
-        if (cand / "SegmentationClass").is_dir():
+        if storage.is_dir(cand / "SegmentationClass"):
             return cand
-    if gt.name == "SegmentationClass" and (gt.parent / "ImageSets" / "Segmentation").is_dir():
+    if gt.name == "SegmentationClass" and storage.is_dir(gt.parent / "ImageSets" / "Segmentation"):
         return gt.parent
     return None
 
 
 def read_ids(path: Path) -> list[str]:
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = (path.read_text() if not storage.is_remote(path) else storage.read_bytes(path).decode()).splitlines()
+    except (OSError, UnicodeDecodeError, InputError) as exc:
         raise InputError(f"cannot read split file {path}: {exc}") from None
     ids = []
     for line in lines:
@@ -85,13 +89,16 @@ def _split_ids(split: str, voc_root: Path | None) -> list[str]:
     as_file = Path(split)
     if voc_root is not None:
         listed = voc_root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        if listed.is_file():
+        if storage.is_file(listed):
             return read_ids(listed)
     if as_file.is_file():
         return read_ids(as_file)
     if voc_root is not None:
         folder = voc_root / "ImageSets" / "Segmentation"
-        names = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+        if storage.is_remote(folder):
+            names = sorted(n[:-4] for n in storage.list_files(folder) if n.endswith(".txt") and "/" not in n)
+        else:
+            names = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
         raise InputError(f"no split {split!r} in {folder} (found: {', '.join(names) or 'none'})")
     raise UsageError(f"--split {split!r} needs a VOC layout (ImageSets/Segmentation/{split}.txt) or a file of ids")
 
@@ -103,12 +110,12 @@ def _examples(keys: list[str], n: int = 3) -> str:
 
 def pair_files(pred_dir: Path, gt: Path, split: str | None = None, allow_missing: bool = False) -> Pairing:
     """Pair predictions with ground truth; missing/extra files are an InputError unless ``allow_missing``."""
-    pred_dir, gt = Path(pred_dir), Path(gt)
-    if not pred_dir.is_dir():
-        what = "does not exist" if not pred_dir.exists() else "is not a folder"
+    pred_dir, gt = storage.location(pred_dir), storage.location(gt)
+    if not storage.is_dir(pred_dir):
+        what = "does not exist" if not storage.exists(pred_dir) else "is not a folder"
         raise InputError(f"prediction folder {pred_dir} {what}")
-    if not gt.is_dir():
-        what = "does not exist" if not gt.exists() else "is not a folder"
+    if not storage.is_dir(gt):
+        what = "does not exist" if not storage.exists(gt) else "is not a folder"
         raise InputError(f"ground-truth folder {gt} {what}")
     voc_root = find_voc_root(gt)
     gt_dir = voc_root / "SegmentationClass" if voc_root is not None else gt
