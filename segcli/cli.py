@@ -110,7 +110,7 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbon
 DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
 FeatureCacheOpt = Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Keep each image's features in the --cache folder (default). --no-feature-cache recomputes them in every pass instead (fit and predict read them 2-4 times): cheaper than the file I/O on a GPU, not on a CPU. Region bundles are cached either way.", rich_help_panel="Backbone")]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1; 0 = in the main process. Results do not depend on it.", rich_help_panel="Backbone")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1, except 0 when the backbone runs on the CPU (its forward already uses every core); 0 = in the main process. Results do not depend on it.", rich_help_panel="Backbone")]
 DevicePath = Annotated[Optional[bool], typer.Option("--device-path/--host-path", help="Run the region pass (fusion, image-level k-means, refinement, crops) batched on the backbone's device (default: when it is a CUDA GPU) or image by image in the --workers pool. Same masks either way with --assign pooled/parts; crops resized by torch instead of PIL with cls.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
@@ -252,7 +252,6 @@ def _check_remote_outputs(*folders) -> None:
 def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
     """The pipeline for a command's parsed options (the run-time ones; the method ones are in config)."""
     from segcli.pipeline import Segmenter
-    from segcli.workers import default_workers
 
     if opts["threads"]:
         import torch
@@ -262,8 +261,7 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
                      precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
                      batch_size=opts["batch_size"], decode_workers=opts["decode_workers"],
                      compile=opts["compile"], feature_cache=opts["feature_cache"],
-                     workers=default_workers() if opts["workers"] is None else opts["workers"],
-                     device_path=opts["device_path"])
+                     workers=opts["workers"], device_path=opts["device_path"])
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:

@@ -112,3 +112,21 @@ def test_nested_maps_share_the_pool_and_a_death_is_charged_to_its_task(monkeypat
             assert isinstance(value, WorkerDied)
         else:
             assert value == (-1 if victim == f"a{i}" else i), tag
+
+
+def test_default_workers_is_zero_with_a_cpu_backbone_and_the_pool_with_features(tmp_path):
+    """workers=None (the CLI default): in-process when the backbone runs on the CPU (its forward uses every
+    core), the available cores minus one with --features (the host steps are all the work)."""
+    from segcli.config import SegmentConfig
+    from segcli.pipeline import Segmenter
+    from segcli.workers import default_workers
+    from tests.checkpoints import TINY, checkpoint_file
+    from tests.synthetic import make_dataset
+
+    make_dataset(tmp_path / "d", n_images=2)
+    cpu = Segmenter(SegmentConfig(backbone=TINY), weights=checkpoint_file(TINY, "timm"), device="cpu",
+                    cache_dir=tmp_path / "c1", workers=None)
+    assert cpu.engine.workers == 0
+    feats = Segmenter(SegmentConfig(assign="pooled"), features_dir=tmp_path / "d" / "features",
+                      cache_dir=tmp_path / "c2", workers=None)
+    assert feats.engine.workers == default_workers()
