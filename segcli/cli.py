@@ -129,6 +129,11 @@ Split = Annotated[Optional[str], typer.Option("--split", help="For a VOC layout:
 Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here.", rich_help_panel="Output")]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finished masks of the same model in the output folder.", rich_help_panel="Output")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
+Engine = Annotated[str, typer.Option("--engine", help="local (this process) | ray (Ray Data: backbone actors and per-image tasks on a Ray cluster; needs the ray extra; README: Running on a cluster). Same masks and model either way.", rich_help_panel="Engine")]
+Address = Annotated[Optional[str], typer.Option("--address", help="--engine ray: the cluster to join (auto, HOST:6379, ray://HOST:10001); default: a private local cluster on 127.0.0.1, started for the run and stopped at its end.", rich_help_panel="Engine")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="--engine ray: backbone actors, one backbone each (default: one per GPU when the run uses GPUs, else 1).", rich_help_panel="Engine")]
+GpusPerWorker = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="--engine ray: GPUs each backbone actor reserves (fractions share a GPU; default 1 when the cluster has GPUs and --device allows them, else 0).", rich_help_panel="Engine")]
+CpusPerWorker = Annotated[float, typer.Option("--cpus-per-worker", help="--engine ray: CPUs each backbone actor reserves (per-image tasks take 1 each).", rich_help_panel="Engine")]
 
 
 # The options segment and cluster-dataset share, declared once: (parameter, annotated type, default).
@@ -145,6 +150,8 @@ _SHARED_OPTIONS = [
     ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
     ("stuff", Stuff, 0),
     ("decode_workers", DecodeWorkers, None), ("compile", Compile, False),
+    ("engine", Engine, "local"), ("address", Address, None), ("workers", Workers, None),
+    ("gpus_per_worker", GpusPerWorker, None), ("cpus_per_worker", CpusPerWorker, 1.0),
 ]
 
 
@@ -209,7 +216,32 @@ def _check_run_options(opts: dict) -> SegmentConfig:
         raise UsageError(f"unknown --device {opts['device']!r}; use auto, cpu, cuda, cuda:N or mps")
     if str(opts["precision"]).strip().lower() not in ("auto", "fp32", "bf16", "fp16"):
         raise UsageError(f"unknown --precision {opts['precision']!r}; use auto, fp32, bf16 or fp16")
+    _check_engine_options(opts)
     return _config(opts)
+
+
+def _check_engine_options(opts: dict) -> None:
+    """--engine and the Ray options (which need --engine ray)."""
+    from segcli.errors import UsageError
+
+    engine = str(opts["engine"]).strip().lower()
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown --engine {opts['engine']!r}; use local or ray")
+    opts["engine"] = engine
+    if engine != "ray":
+        given = [flag for flag, name, default in (("--address", "address", None), ("--workers", "workers", None),
+                 ("--gpus-per-worker", "gpus_per_worker", None), ("--cpus-per-worker", "cpus_per_worker", 1.0))
+                 if opts[name] != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --engine ray")
+    if opts["workers"] is not None and not 1 <= opts["workers"] <= 4096:
+        raise UsageError(f"--workers must be between 1 and 4096, got {opts['workers']}")
+    if opts["gpus_per_worker"] is not None and not 0 <= opts["gpus_per_worker"] <= 64:
+        raise UsageError(f"--gpus-per-worker must be between 0 and 64, got {opts['gpus_per_worker']}")
+    if not 0 < opts["cpus_per_worker"] <= 1024:
+        raise UsageError(f"--cpus-per-worker must be above 0 (at most 1024), got {opts['cpus_per_worker']}")
+    if opts["address"] is not None and not str(opts["address"]).strip():
+        raise UsageError("--address is empty")
 
 
 def _protect_inputs(source: Path, items: list, opts: dict, folders: dict, model_in: Path | None = None,
