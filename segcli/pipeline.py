@@ -16,21 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli.arrays import ArraySpec
+from segcli import steps
 from segcli.cache import CACHE_LAYOUT, EntryStore, ImageFeatures
 from segcli.config import REGION_FIELDS, SegmentConfig
+from segcli.engines.local import LocalEngine
 from segcli.errors import BadImageError, InputError, ModelError, UsageError
 from segcli.features_source import FeatureSource
-from segcli.foreground import (
-    PROPOSAL_VOTE_WEIGHT, LevelModel, border_grid, fit_level, fuse, image_level_clusters,
-    normalised_attention,
-)
-from segcli.images import ImageItem, load_image
-from segcli.kmeans import KMeans, assign_nearest, cluster_embeddings
+from segcli.foreground import LevelModel, border_grid, fit_level, normalised_attention
+from segcli.images import ImageItem
+from segcli.kmeans import KMeans, cluster_embeddings
 from segcli.model_file import SegModel
-from segcli.regions import find_regions, pooled_embeddings, region_crops, regions_on_grid, split_regions
-from segcli.stuff import fit_stuff, refine_stuff, stuff_probabilities
 from segcli.report import Reporter, Timings
+from segcli.steps import REGION_SPECS, resize_labels, upsample  # noqa: F401  (re-exported: long-standing names)
+from segcli.stuff import fit_stuff
 
 MANIFEST = ".segcli-run.json"
 # A category with fewer sampled patches than this uses the dataset-level centroids instead of its own.
@@ -42,26 +40,6 @@ MIN_CATEGORY_SAMPLES = 50
 CROP_GROUP_CROPS = 64
 CROP_GROUP_IMAGES = 16
 CROP_GROUP_BYTES = 256 << 20
-
-# The arrays of a per-image region bundle (cached under <cache>/regions/): H, W working size; h, w patch grid;
-# n regions; E embedding size (0 when nothing is embedded).
-REGION_SPECS: dict[str, ArraySpec] = {
-    "regions": ArraySpec(("H", "W"), ("uint16", "int32")),
-    "n": ArraySpec((), ("int64",)),
-    "emb": ArraySpec(("n", "E"), ("float32",)),
-    "fg_grid": ArraySpec(("h", "w"), ("bool",)),
-    "original_size": ArraySpec((2,), ("int64",)),
-}
-
-
-def _check_region_bundle(b: dict[str, np.ndarray]) -> None:
-    """Content checks beyond shapes: the region count agrees with the embeddings and the region map."""
-    n = int(b["n"])
-    if n != b["emb"].shape[0] or (b["regions"].size and int(b["regions"].max()) > n) or (b["regions"].min(initial=0) < 0):
-        raise ValueError(f"region bundle is inconsistent (n={n}, {b['emb'].shape[0]} embeddings)")
-    if (b["original_size"] < 1).any():
-        raise ValueError("region bundle has an empty original size")
-
 
 @dataclass
 class RunSummary:
@@ -76,29 +54,6 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
 
 
-def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a (h, w) float map, or of each channel of an (L, h, w) one, to size (H, W),
-    pixel centres aligned."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))
-    t = t[None, None] if t.ndim == 2 else t[None]
-    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
-    return out[0] if np.ndim(grid) == 2 else out
-
-
-def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map to size (H, W)."""
-    if labels.shape == tuple(size):
-        return labels
-    H, W = size
-    h, w = labels.shape
-    ys = np.minimum((np.arange(H) * h) // H, h - 1)
-    xs = np.minimum((np.arange(W) * w) // W, w - 1)
-    return labels[np.ix_(ys, xs)]
-
-
 class Segmenter:
     """Fit the three-level model on a set of images, then label any images with it.
 
@@ -107,7 +62,8 @@ class Segmenter:
     """
 
     def __init__(self, config: SegmentConfig | None = None, *, model: SegModel | None = None,
-                 source: FeatureSource | None = None, reporter: Reporter | None = None, **source_kwargs) -> None:
+                 source: FeatureSource | None = None, reporter: Reporter | None = None, engine: LocalEngine | None = None,
+                 **source_kwargs) -> None:
         if model is not None:
             config = model.config
         self.config = config or SegmentConfig()
@@ -124,6 +80,8 @@ class Segmenter:
         bb = self.source.backbone
         if bb is not None and getattr(bb, "weights_source", ""):
             self.reporter.note(f"backbone {bb.name} ({bb.system}) with weights from {bb.weights_source}")
+        # Where the per-image host steps run (segcli.engines); the device stages stay with the feature source.
+        self.engine = engine or LocalEngine(self.timings)
         self.skipped: dict[str, str] = {}
         self.model_: SegModel | None = None
         if model is not None:
@@ -290,7 +248,7 @@ class Segmenter:
         sizes = np.zeros(n_parts, dtype=np.int64)
         for item, f, r in self._results(items, "part graph"):
             with self.timings("clustering"):
-                grid = self._part_grid(f, r["fg_grid"], centroids)
+                grid = steps.part_grid(f, r["fg_grid"], centroids)
                 adjacency += part_adjacency(grid, n_parts)
                 sizes += np.bincount(grid[grid >= 0], minlength=n_parts)
         with self.timings("clustering"):
@@ -309,15 +267,6 @@ class Segmenter:
                                f"(--k {self.config.k} only sets the default number of image categories)")
         self.model_.part_centroids = probe.astype(np.float32)
         self.model_.part_classes = np.arange(1, probe.shape[0] + 1, dtype=np.int64)
-
-    @staticmethod
-    def _part_grid(f: ImageFeatures, fg_grid: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-        h, w = f.grid
-        grid = np.full(h * w, -1, dtype=np.int64)
-        fg = fg_grid.ravel()
-        if fg.any():
-            grid[fg] = assign_nearest(f.feats.reshape(h * w, -1)[fg].astype(np.float32), centroids)
-        return grid.reshape(h, w)
 
     # ------------------------------------------------------------------ per-image regions
     def _region_key(self) -> str:
@@ -348,7 +297,7 @@ class Segmenter:
         def load_bundle(item: ImageItem, f: ImageFeatures | None) -> dict[str, np.ndarray] | None:
             dims = {"h": f.grid[0], "w": f.grid[1]} if f is not None else None
             with self.timings("region io"):
-                return store.load(self.source.item_id(item), REGION_SPECS, dims, check=_check_region_bundle)
+                return store.load(self.source.item_id(item), REGION_SPECS, dims, check=steps.check_region_bundle)
 
         pending, absent = [], set()
         for item in items:
@@ -378,7 +327,7 @@ class Segmenter:
             start = 0
             for item, f, bundle, cs, fresh in group:
                 if cs:
-                    bundle = self._regions_with_embeddings(bundle, emb[start:start + len(cs)])
+                    bundle = steps.with_embeddings(bundle, emb[start:start + len(cs)])
                     start += len(cs)
                 if fresh:
                     with self.timings("region io"):
@@ -386,15 +335,17 @@ class Segmenter:
                 yield item, f, bundle
             group.clear()
 
-        for item, f in self._features(pending, description):
-            bundle = None if item.key in absent else load_bundle(item, f)
-            crops, fresh = None, bundle is None
-            if fresh:
-                try:
-                    bundle, crops = self._regions_before_crops(item, f)
-                except BadImageError as exc:
-                    self._skip(item, exc)
-                    continue
+        def arrivals():
+            """(item, features, cached bundle or None) as the features arrive."""
+            for item, f in self._features(pending, description):
+                yield item, f, None if item.key in absent else load_bundle(item, f)
+
+        for (item, f, _), result in self.engine.imap(steps.regions_step, arrivals(), model=self.model_,
+                                                     device=self._refine_device()):
+            if isinstance(result, BadImageError):
+                self._skip(item, result)
+                continue
+            bundle, crops, fresh = result
             group.append((item, f, bundle, crops, fresh))
             crops_held += len(crops or ())
             bytes_held += sum(c.nbytes for c in crops or ())
@@ -403,136 +354,16 @@ class Segmenter:
                 crops_held = bytes_held = 0
         yield from flush()
 
-    def _image_clusters(self, f: ImageFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """(cluster ids, M_I) of the image level: k-means on the image's own patches."""
-        return image_level_clusters(f.feats, f.attn, self.config.level_clusters("image"), self.config.seed)
-
-    def _fg_masks(self, f: ImageFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Fused (hard, soft) patch-level foreground of one image from the three levels and/or the proposal, and
-        the image level's cluster ids (None with --prior maskdistill, which fits no level)."""
-        cfg, m = self.config, self.model_
-        h, w = f.grid
-        flat = f.feats.reshape(h * w, -1).astype(np.float32)
-        if flat.shape[1] != m.feature_dim:
-            raise ModelError(f"features have dimension {flat.shape[1]} but the model was fitted on {m.feature_dim}; "
-                             "use the backbone/features the model was fitted with")
-        if cfg.prior != "levels" and f.proposal is None:  # a --features file that vanished or changed since the check
-            raise BadImageError(f"--prior {cfg.prior}: its features have no 'proposal' array")
-        if cfg.prior == "maskdistill":
-            return (*fuse([f.proposal], cfg.fusion), None)
-        m_d = m.dataset.mask(flat).reshape(h, w)
-        cls = f.cls.astype(np.float32)[None]
-        cls /= max(float(np.linalg.norm(cls)), 1e-12)
-        cat = int(assign_nearest(cls, m.category_centroids)[0])
-        m_c = m.categories[cat].mask(flat).reshape(h, w)
-        clusters, m_i = self._image_clusters(f)
-        if cfg.prior == "vote":
-            return (*fuse([m_d, m_c, m_i, f.proposal], cfg.fusion, weights=[1.0, 1.0, 1.0, PROPOSAL_VOTE_WEIGHT]), clusters)
-        return (*fuse([m_d, m_c, m_i], cfg.fusion), clusters)
-
     def _refine_device(self):
         """The backbone's device for the torch refiner (CPU with --features, or on Apple MPS, which lacks its sparse ops)."""
         backbone = self.source.backbone
         device = getattr(backbone, "device", None) if backbone is not None else None
         return device if device is not None and getattr(device, "type", "cpu") == "cuda" else "cpu"
 
-    @staticmethod
-    def _regions_with_embeddings(bundle: dict[str, np.ndarray], emb: np.ndarray) -> dict[str, np.ndarray]:
-        """The bundle completed with its regions' crop embeddings (rows of a crop forward shared with other images)."""
-        return {**bundle, "emb": np.ascontiguousarray(emb, dtype=np.float32)}
-
-    def _regions_before_crops(self, item: ImageItem, f: ImageFeatures) -> tuple[dict[str, np.ndarray], list[np.ndarray] | None]:
-        """One image's region step up to the crop forward: (bundle, crops). With crops, the bundle's embeddings
-        are still to come (:meth:`_regions_with_embeddings`), so the crops of several images share one forward."""
-        cfg = self.config
-        with self.timings("clustering"):
-            _, soft, clusters = self._fg_masks(f)
-        with self.timings("load images"):
-            img = load_image(item.path, cfg.work_max_side)
-        rgb = img.rgb
-        with self.timings("crf"):
-            prob = upsample(soft, rgb.shape[:2])
-            from segcli.refine import refine_mask
-
-            fg = refine_mask(rgb, prob, cfg.refine if cfg.crf else "none", cfg.crf_iterations, cfg.crf_max_side,
-                             self._refine_device())
-        with self.timings("regions"):
-            regions, n = find_regions(fg, cfg.regions, cfg.min_region_frac, cfg.min_region_px)
-            if cfg.n_stuff and cfg.regions == "components" and n:
-                # Scenes: touching objects of different kinds are split along the image level's clusters (those of
-                # M_I; with --prior maskdistill no level was clustered, so the same k-means runs here).
-                if clusters is None:
-                    clusters, _ = self._image_clusters(f)
-                regions, n = split_regions(regions, clusters, min(cfg.min_region_frac * fg.size, float(cfg.min_region_px)))
-            fg_grid = regions_on_grid(regions, f.grid) > 0
-        crops = None
-        if cfg.assign == "cls" and n:
-            # Copies: a view would keep the whole working-size image alive while the crops wait for their batch.
-            crops = [np.ascontiguousarray(c) for c in region_crops(rgb, regions, n, cfg.crop_margin)]
-            emb = np.zeros((n, 0), np.float32)  # replaced by the crop forward
-        elif cfg.assign == "pooled" and n:
-            with self.timings("regions"):
-                emb = pooled_embeddings(regions, n, f.feats)
-        else:
-            emb = np.zeros((n, 0), np.float32)
-        return {
-            "regions": regions.astype(np.uint16 if n < 65535 else np.int32),
-            "n": np.array(n, dtype=np.int64),
-            "emb": np.asarray(emb, np.float32),
-            "fg_grid": fg_grid,
-            "original_size": np.array(img.original_size, dtype=np.int64),
-        }, crops
-
-    # ------------------------------------------------------------------ predict
-    def labels(self, f: ImageFeatures | None, bundle: dict[str, np.ndarray], rgb: np.ndarray | None = None) -> np.ndarray:
-        """Class-id map (at the working resolution) of one image from its regions (and features, for parts).
-
-        With stuff classes (``--stuff N``) the features and the image (``rgb``, at the working resolution)
-        are needed too: object pixels keep their thing class, every other pixel its refined stuff class.
-        """
-        with self.timings("clustering"):
-            things = self._thing_labels(f, bundle)
-            if not (self.config.n_stuff and len(self.model_.stuff_centroids)):
-                return things
-            if f is None or (rgb is None and self.config.crf):
-                raise UsageError("labels() with stuff classes needs the image's features and its rgb (working resolution)")
-            probs = stuff_probabilities(f.feats, bundle["fg_grid"], self.model_.stuff_centroids)
-        with self.timings("crf"):
-            stuff = refine_stuff(rgb, upsample(probs, things.shape), self.config, self._refine_device())
-        return np.where(things > 0, things, stuff).astype(np.uint8)
-
-    def _thing_labels(self, f: ImageFeatures | None, bundle: dict[str, np.ndarray]) -> np.ndarray:
-        """Thing-class ids of the object regions (thing_offset..k-1), 0 elsewhere."""
-        m = self.model_
-        regions = bundle["regions"].astype(np.int64)
-        n = int(bundle["n"])
-        if n == 0:
-            return np.zeros(regions.shape, np.uint8)
-        if self.config.assign in ("parts", "probe"):
-            if len(m.part_centroids) == 0:
-                return np.zeros(regions.shape, np.uint8)
-            from scipy import ndimage
-
-            grid = self._part_grid(f, bundle["fg_grid"], m.part_centroids)
-            classes = np.where(grid >= 0, m.part_classes[np.maximum(grid, 0)], 0)
-            if (classes > 0).any():
-                # Foreground pixels whose nearest patch centre is background take the nearest foreground patch's class.
-                idx = ndimage.distance_transform_edt(classes == 0, return_distances=False, return_indices=True)
-                classes = classes[idx[0], idx[1]]
-            up = resize_labels(classes, regions.shape)
-            return np.where(regions > 0, up, 0).astype(np.uint8)
-        if m.class_centroids.size == 0:
-            return np.zeros(regions.shape, np.uint8)
-        lut = np.zeros(n + 1, np.uint8)
-        lut[1:] = assign_nearest(bundle["emb"].astype(np.float32), m.class_centroids) + self.config.thing_offset
-        return lut[regions]
-
     def predict(self, items: list[ImageItem], out_dir: str | Path, overlay_dir: str | Path | None = None,
                 resume: bool = True) -> RunSummary:
         """Write one label PNG per image (and optionally an overlay); finished files are kept on rerun."""
-        from segcli.outputs import (
-            is_complete_png, output_path, prepare_output_dir, remove_stale_temporaries, save_label_png, save_overlay,
-        )
+        from segcli.outputs import is_complete_png, output_path, prepare_output_dir, remove_stale_temporaries
 
         if self.model_ is None:
             raise UsageError("predict() needs a fitted model: call fit() first or pass model=")
@@ -554,19 +385,12 @@ class Segmenter:
                 summary.reused += 1
             else:
                 todo.append(item)
-        stuff = bool(self.config.n_stuff and len(self.model_.stuff_centroids))
-        for item, f, bundle in self._results(todo, "masks", need_features=self.config.assign in ("parts", "probe") or stuff):
-            rgb = None
-            if stuff or ov is not None:
-                with self.timings("load images"):
-                    rgb = load_image(item.path, self.config.work_max_side).rgb
-            labels = self.labels(f, bundle, rgb)
-            size = tuple(int(v) for v in bundle["original_size"])
-            with self.timings("write"):
-                full = resize_labels(labels, size)
-                save_label_png(output_path(out, item.key, ".png"), full)
-                if ov is not None:
-                    save_overlay(output_path(ov, item.key, ".jpg"), rgb, labels)
+        results = self._results(todo, "masks", need_features=steps.needs_features(self.model_))
+        for (item, *_), result in self.engine.imap(steps.mask_step, results, model=self.model_, out=out, overlay=ov,
+                                                   device=self._refine_device()):
+            if isinstance(result, BadImageError):
+                self._skip(item, result)
+                continue
             summary.written += 1
         summary.skipped = {k: v for k, v in self.skipped.items()}
         summary.seconds = time.perf_counter() - t0

@@ -404,7 +404,7 @@ def test_image_without_regions_next_images_with_regions(tmp_path, monkeypatch, a
     """With random weights this happens with the default options on examples/ and voc-mini; here it is forced:
     the square astronaut (256x256 at --work-max-side 256) gets no region, every other image one whole-image
     region. Expected: exit 0, an all-background mask for the astronaut, classes elsewhere."""
-    import segcli.pipeline as pipeline
+    import segcli.steps as steps
 
     def forced_regions(fg, *args, **kwargs):
         fg = np.asarray(fg)
@@ -412,7 +412,7 @@ def test_image_without_regions_next_images_with_regions(tmp_path, monkeypatch, a
             return np.zeros(fg.shape, np.int32), 0
         return np.ones(fg.shape, np.int32), 1
 
-    monkeypatch.setattr(pipeline, "find_regions", forced_regions)
+    monkeypatch.setattr(steps, "find_regions", forced_regions)
     out = tmp_path / "masks"
     r = cli("segment", EXAMPLES, "--out", out, "--weights", ckpt(), "--k", 4, "--assign", assign,
             "--cache", tmp_path / "cache", *FAST)

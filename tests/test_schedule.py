@@ -251,6 +251,7 @@ def test_region_crops_of_many_images_share_a_crop_forward(tmp_path, monkeypatch)
     from typer.testing import CliRunner
 
     import segcli.pipeline as pipeline
+    import segcli.steps as steps
     from segcli.backbone import Backbone
     from segcli.cli import app
     from segcli.model_file import SegModel
@@ -269,7 +270,7 @@ def test_region_crops_of_many_images_share_a_crop_forward(tmp_path, monkeypatch)
         calls.append(len(crops))
         return embed(self, crops, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "find_regions", three_stripes)
+    monkeypatch.setattr(steps, "find_regions", three_stripes)
     monkeypatch.setattr(Backbone, "embed_crops", counting_embed)
     images = tmp_path / "images"
     images.mkdir()
