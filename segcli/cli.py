@@ -267,10 +267,33 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
         import torch
 
         torch.set_num_threads(opts["threads"])
-    return Segmenter(config, model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
-                     precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
-                     batch_size=opts["batch_size"], decode_workers=opts["decode_workers"],
-                     compile=opts["compile"])
+    kwargs = dict(model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
+                  precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
+                  batch_size=opts["batch_size"], decode_workers=opts["decode_workers"], compile=opts["compile"])
+    if opts["engine"] == "ray":
+        from segcli.engines.ray import RaySegmenter
+
+        return RaySegmenter(config, ray_options=_ray_options(opts), threads=opts["threads"], **kwargs)
+    return Segmenter(config, **kwargs)
+
+
+def _ray_options(opts: dict):
+    from segcli.engines.ray_cluster import RayOptions
+
+    return RayOptions(address=opts["address"], workers=opts["workers"], gpus_per_worker=opts["gpus_per_worker"],
+                      cpus_per_worker=opts["cpus_per_worker"])
+
+
+def _engine_session(opts: dict):
+    """The engine's lifetime around a command's work: for --engine ray, a Ray session (a local cluster started
+    and stopped, or the --address cluster joined and left); nothing for the local engine."""
+    if opts["engine"] != "ray":
+        import contextlib
+
+        return contextlib.nullcontext()
+    from segcli.engines.ray_cluster import ray_session
+
+    return ray_session(_ray_options(opts))
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:
@@ -306,6 +329,7 @@ def segment(
     items = discover_images(images, opts["split"])
     _protect_inputs(images, items, opts, {"--out": out}, model_in=model)
     prepare_output_dir(out)
+    fitted = None
     if model is not None:
         fitted = SegModel.load(model)
         if opts["backbone"] is not None:
@@ -314,10 +338,12 @@ def segment(
 
             if resolve_backbone_name(opts["backbone"]) != fitted.config.backbone:
                 raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {opts['backbone']}")
-        seg = _segmenter(fitted.config, reporter, opts, model=fitted)
-    else:
-        seg = _segmenter(config, reporter, opts).fit(items)
-    summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"])
+    with _engine_session(opts):
+        if fitted is not None:
+            seg = _segmenter(fitted.config, reporter, opts, model=fitted)
+        else:
+            seg = _segmenter(config, reporter, opts).fit(items)
+        summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"])
     _finish("segment", summary, out, started)
 
 
@@ -332,8 +358,6 @@ def cluster_dataset(
     **opts,
 ) -> None:
     """Fit the dataset-level model (the 'fit' of fit/predict) and save it for `segment --model`."""
-    from rich.console import Console
-
     from segcli.errors import UsageError
     from segcli.images import discover_images
     from segcli.report import RichReporter
@@ -350,6 +374,15 @@ def cluster_dataset(
         from segcli.outputs import prepare_output_dir
 
         prepare_output_dir(masks)
+    with _engine_session(opts):
+        _cluster_dataset(config, reporter, opts, items, part, out, masks, started)
+
+
+def _cluster_dataset(config: SegmentConfig, reporter, opts: dict, items: list, part: tuple[int, int] | None,
+                     out: Path | None, masks: Path | None, started: float) -> None:
+    """cluster-dataset's work, inside its engine's session: extract a shard, or fit (and write masks)."""
+    from rich.console import Console
+
     seg = _segmenter(config, reporter, opts)
     console = Console(stderr=True, highlight=False)
     if part is not None:

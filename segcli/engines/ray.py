@@ -27,7 +27,9 @@ there), because the backbone's fp16 features depend on it (one value in ~768 dif
 from __future__ import annotations
 
 import io
-import os
+import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -37,6 +39,7 @@ import numpy as np
 from segcli.config import SegmentConfig
 from segcli.engines.ray_cluster import RayOptions
 from segcli.errors import BadImageError, SegcliError
+from segcli.pipeline import RunSummary, Segmenter
 
 # Rows per backbone-actor call (FeatureSource buckets them by input shape inside the call) and per CPU task.
 ACTOR_BATCH_MIN = 16
@@ -87,12 +90,6 @@ def _rows(items, indices: Iterable[int] | None = None) -> list[dict[str, Any]]:
     return [{"index": int(i), "key": items[i].key, "path": str(items[i].path)} for i in indices]
 
 
-def _items(batch: dict[str, np.ndarray]):
-    from segcli.images import ImageItem
-
-    return [ImageItem(path=Path(str(p)), key=str(k)) for k, p in zip(batch["key"], batch["path"])]
-
-
 class _Warnings:
     """Warnings of a worker's stages (a damaged cache entry recomputed), sent back with its next output rows."""
 
@@ -107,14 +104,12 @@ class _Warnings:
         return text
 
 
-class FeatureActor:
-    """A backbone actor: one FeatureSource (one backbone, the run's feature cache) for the actor's lifetime.
+class BackboneActor:
+    """A backbone actor: one FeatureSource (one backbone on the actor's device, the run's feature cache) for the
+    actor's lifetime, built once in the constructor.
 
-    ``spec.extra["mode"]``: ``extract`` (cache only), ``sample`` (the fit's patch sample of each image, drawn here,
-    seeded by the image's index in the sorted input: :func:`segcli.steps.fit_sample`), ``features`` (the
-    features themselves, for the per-image tasks downstream). The class is bound to its pass's spec by
-    :func:`bind` (a class attribute, not a constructor argument: Ray keeps no object-store reference to restart
-    the actor from).
+    The class is bound to its pass's spec by :func:`bind` (a class attribute, not a constructor argument, so Ray
+    holds no object-store reference it needs to restart the actor) and called on batches of rows.
     """
 
     spec: WorkerSpec | None = None
@@ -127,32 +122,382 @@ class FeatureActor:
         self.warnings = _Warnings()
         self.source = FeatureSource(spec.config, warn=self.warnings, **spec.source)
 
+
+class FeatureActor(BackboneActor):
+    """Features of each row's image, through the run's feature cache (same keys as the local engine).
+
+    ``spec.extra["mode"]``: ``extract`` (the cache only), ``sample`` (the fit's patch sample of the image, drawn
+    here with :func:`segcli.steps.fit_sample`, seeded by the image's index in the sorted input, and its CLS
+    token), ``features`` (the features, for the per-image tasks downstream). With ``spec.extra["lookup"]`` (a
+    pass that needs region bundles only) an image whose bundle is in the region cache skips the backbone.
+    """
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from segcli.steps import fit_sample
+        from segcli import steps
 
         extra = self.spec.extra
         mode = extra["mode"]
-        out: dict[str, list] = {"index": [], "error": [], "digest": [], "blob": [], "warn": []}
-        items = _items(batch)
-        for index, (item, f) in zip(batch["index"], self.source.features(items)):
-            out["index"].append(int(index))
+        rows = [{**_row_defaults(), "index": int(i), "key": str(k), "path": str(p)}
+                for i, k, p in zip(batch["index"], batch["key"], batch["path"])]
+        if extra.get("lookup"):
+            store = _region_store(self.spec, self.warnings)
+            for row in rows:
+                try:
+                    row["digest"] = self.source.item_id(_item(row))
+                except BadImageError:
+                    continue  # reported by the features pass below
+                bundle = store.load(row["digest"], steps.REGION_SPECS, None, check=steps.check_region_bundle)
+                if bundle is not None:
+                    row["bundle"], row["skip"] = pack(bundle), True
+        todo = [r for r in rows if not r["skip"]]
+        for row, (item, f) in zip(todo, self.source.features([_item(r) for r in todo])):
             if isinstance(f, BadImageError):
-                out["error"].append(str(f))
-                out["digest"].append("")
-                out["blob"].append(b"")
-            else:
-                out["error"].append("")
-                out["digest"].append(self.source.item_id(item))
-                if mode == "sample":
-                    out["blob"].append(pack(fit_sample(f, extra["quota"], self.spec.config.seed, int(index))))
-                elif mode == "features":
-                    out["blob"].append(pack(f.arrays()))
-                else:
-                    out["blob"].append(b"")
-            out["warn"].append(self.warnings.take())
-        return out
+                row["error"] = str(f)
+                continue
+            row["digest"] = self.source.item_id(item)
+            if mode == "sample":
+                row["feat"] = pack(steps.fit_sample(f, extra["quota"], self.spec.config.seed, row["index"]))
+            elif mode == "features":
+                row["feat"] = pack(f.arrays())
+        rows[-1]["warn"] = self.warnings.take()
+        return _columns(rows)
+
+
+class CropActor(BackboneActor):
+    """The region crops of every row of the batch in one crop forward (:meth:`FeatureSource.embed_crops`, the
+    local engine's grouping across images), each bundle completed (:func:`segcli.steps.with_embeddings`) and
+    written to the region cache."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from segcli import steps
+
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        crops = {int(r["index"]): _crop_list(unpack(r["crops"])) for r in rows if len(r["crops"])}
+        flat = [c for cs in crops.values() for c in cs]
+        emb = self.source.embed_crops(flat) if flat else None
+        store = _region_store(self.spec, self.warnings)
+        start = 0
+        results = []
+        for row in rows:
+            cs = crops.get(int(row["index"]))
+            if cs:
+                bundle = steps.with_embeddings(unpack(row["bundle"]), emb[start:start + len(cs)])
+                start += len(cs)
+                store.save(str(row["digest"]), bundle)
+                row = {**row, "bundle": pack(bundle), "crops": b""}
+            results.append({k: row[k] for k in ROW_COLUMNS})
+        results[-1]["warn"] = "\n".join(filter(None, [str(results[-1]["warn"]), self.warnings.take()]))
+        return _columns(results)
+
+
+# The columns every stage of a region pass passes on (blobs are .npz bytes, b"" when absent).
+ROW_COLUMNS = ("index", "key", "path", "skip", "error", "digest", "feat", "bundle", "crops", "warn")
+
+
+def _row_defaults() -> dict[str, Any]:
+    return {"skip": False, "error": "", "digest": "", "feat": b"", "bundle": b"", "crops": b"", "warn": ""}
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in ROW_COLUMNS}
+
+
+def _crop_list(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [arrays[f"crop{i}"] for i in range(len(arrays))]
+
+
+def _region_store(spec: WorkerSpec, warn: Callable[[str], None]):
+    """The run's region cache (the local engine's EntryStore, same folder and keys)."""
+    from segcli.cache import EntryStore
+
+    return EntryStore(Path(spec.source["cache_dir"]), f"regions/{spec.extra['region_key']}", compressed=True, warn=warn)
 
 
 def bind(cls: type, spec: WorkerSpec) -> type:
     """``cls`` with its pass's spec as a class attribute (what Ray Data instantiates in each actor)."""
-    return type(cls.__name__, (cls,), {"spec": spec, "__module__": cls.__module__})
+    return type(cls.__name__, (cls,), {"spec": spec, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+# ------------------------------------------------------------------------------------ per-image CPU tasks
+
+
+def _task_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def _item(row: dict[str, Any]):
+    from segcli.images import ImageItem
+
+    return ImageItem(path=Path(str(row["path"])), key=str(row["key"]))
+
+
+def _features(row: dict[str, Any]):
+    from segcli.cache import ImageFeatures
+
+    return ImageFeatures.from_arrays(unpack(row["feat"])) if len(row["feat"]) else None
+
+
+def regions_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, list]:
+    """Each image's region step up to the crops (:func:`segcli.steps.regions_step`, on this worker's CPU): a cached
+    bundle is passed through; a fresh one without crops is written to the region cache here, one with crops
+    after the crop forward (:class:`CropActor`)."""
+    from segcli import steps
+
+    set_threads(spec.threads)
+    warnings = _Warnings()
+    store = _region_store(spec, warnings)
+    model = spec.model
+    results = []
+    for row in _task_rows(batch):
+        row = dict(row)
+        if not row["error"] and not len(row["bundle"]):
+            f = _features(row)
+            try:
+                # A pass that looked its bundles up already (FeatureActor) read this one once: absent or damaged.
+                cached = None if spec.extra.get("lookup") else store.load(
+                    str(row["digest"]), steps.REGION_SPECS, {"h": f.grid[0], "w": f.grid[1]}, check=steps.check_region_bundle)
+                bundle, crops, fresh = steps.regions_step(_item(row), f, cached, model=model, device="cpu")
+            except BadImageError as exc:
+                row["error"] = str(exc)
+            else:
+                row["bundle"] = pack(bundle)
+                if crops:
+                    row["crops"] = pack({f"crop{i}": c for i, c in enumerate(crops)})
+                elif fresh:
+                    store.save(str(row["digest"]), bundle)
+        if not spec.extra["need_features"]:
+            row["feat"] = b""
+        results.append({k: row[k] for k in ROW_COLUMNS})
+    results[-1]["warn"] = "\n".join(filter(None, [str(results[-1]["warn"]), warnings.take()]))
+    return _columns(results)
+
+
+def finish_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, list]:
+    """The last per-image step of a pass, by ``spec.extra["finish"]``: ``emb`` (the region embeddings, for the
+    class fit), ``sample`` (:func:`segcli.steps.patch_sample`), ``parts`` (:func:`segcli.steps.part_graph`),
+    ``masks`` (:func:`segcli.steps.mask_step`: labels, PNG and overlay written here). Returns small rows."""
+    from segcli import steps
+
+    set_threads(spec.threads)
+    extra, model = spec.extra, spec.model
+    out: dict[str, list] = {"index": [], "error": [], "result": [], "warn": []}
+    for row in _task_rows(batch):
+        error, result = str(row["error"]), b""
+        if not error:
+            bundle, f = unpack(row["bundle"]), _features(row)
+            try:
+                if extra["finish"] == "emb":
+                    result = pack({"emb": bundle["emb"]})
+                elif extra["finish"] == "sample":
+                    result = pack({"sample": steps.patch_sample(f, bundle["fg_grid"], extra["foreground"], extra["quota"],
+                                                                model.config.seed, extra["stream"], int(row["index"]))})
+                elif extra["finish"] == "parts":
+                    adjacency, sizes = steps.part_graph(f, bundle["fg_grid"], extra["centroids"])
+                    result = pack({"adjacency": adjacency, "sizes": sizes})
+                else:
+                    steps.mask_step(_item(row), f, bundle, model=model, out=Path(extra["out"]),
+                                    overlay=Path(extra["overlay"]) if extra["overlay"] else None, device="cpu")
+            except BadImageError as exc:
+                error = str(exc)
+        out["index"].append(int(row["index"]))
+        out["error"].append(error)
+        out["result"].append(result)
+        out["warn"].append(str(row["warn"]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The segcli error behind a failed Ray job (Ray wraps a worker's exception, sometimes twice), as a plain
+    instance of its segcli class so that its message stays one line; else ``exc`` itself."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, SegcliError):
+            base = next(c for c in type(e).__mro__ if issubclass(c, SegcliError) and c.__module__ == "segcli.errors")
+            return base(*e.args) if type(e) is not base else e
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return exc
+
+
+@contextmanager
+def _retry_args():
+    """Ray 2.60 takes the retry bounds only as ``ray_remote_args``, which it flags as deprecated (to be replaced
+    in 2.64): keep the bounds (Ray Data's own default is to retry forever) without the warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        yield
+
+
+class RaySegmenter(Segmenter):
+    """A :class:`~segcli.pipeline.Segmenter` whose passes run on Ray Data (module docstring); fits, model and
+    outputs are the local engine's, byte for byte.
+
+    Needs a connected Ray session (:func:`segcli.engines.ray_cluster.ray_session`)::
+
+        with ray_session(RayOptions()) as ray:
+            seg = RaySegmenter(SegmentConfig(k=21), ray_options=RayOptions(), weights="dino.pth").fit(items)
+
+    The driver loads the backbone on its CPU for its identity only (the model's ``weights_id``, STEGO's probe);
+    the actors load their own on ``device``. Paths (cache, weights, features, outputs) are made absolute: on a
+    cluster they must name the same files on every node (a shared file system).
+    """
+
+    # The workers of each stage (class attributes, so that a subclass can wrap one: the fault tests do).
+    feature_actor: type = FeatureActor
+    crop_actor: type = CropActor
+    region_task: Callable = staticmethod(regions_task)
+    finish_task: Callable = staticmethod(finish_task)
+
+    def __init__(self, config: SegmentConfig | None = None, *, model=None, reporter=None,
+                 ray_options: RayOptions | None = None, threads: int | None = None, **source_kwargs) -> None:
+        import torch
+
+        from segcli.engines.ray_cluster import import_ray
+
+        self.ray = import_ray(getattr(ray_options, "address", None))
+        if not self.ray.is_initialized():
+            from segcli.errors import UsageError
+
+            raise UsageError("RaySegmenter needs a connected Ray session: use segcli.engines.ray_cluster.ray_session")
+        self.options = ray_options or RayOptions()
+        self.threads = int(threads or torch.get_num_threads())
+        driver = {**source_kwargs, "device": "cpu", "precision": "fp32", "compile": False, "decode_workers": 0}
+        super().__init__(config, model=model, reporter=reporter, **driver)
+        worker = dict(source_kwargs)
+        worker["cache_dir"] = str(self.source.cache_root.absolute())
+        for name in ("weights", "features_dir"):
+            if worker.get(name) is not None:
+                worker[name] = str(Path(worker[name]).absolute())
+        self.worker_source = worker
+        gpus = float(self.ray.cluster_resources().get("GPU", 0))
+        device = str(worker.get("device", "auto")).lower()
+        if self.options.gpus_per_worker is not None:
+            self.gpus_per_worker = float(self.options.gpus_per_worker)
+        else:
+            self.gpus_per_worker = 1.0 if gpus and self.source.folder is None and device not in ("cpu", "mps") else 0.0
+        self.workers = self.options.workers or (max(1, int(gpus // self.gpus_per_worker)) if self.gpus_per_worker else 1)
+        self.actor_batch = max(ACTOR_BATCH_MIN, 2 * int(worker.get("batch_size", 8)))
+
+    # ------------------------------------------------------------------ Ray Data plumbing
+    def _spec(self, model=None, **extra) -> WorkerSpec:
+        return WorkerSpec(self.config, self.worker_source, self.threads, model, extra)
+
+    def _actors(self, ds, cls: type, spec: WorkerSpec, share: int):
+        """An actor-pool stage: ``--workers`` actors of ``cls``; a worker's CPUs and GPUs are split between the
+        ``share`` actor pools of a pass (features and crops), so both fit on the worker's device."""
+        with _retry_args():
+            return ds.map_batches(
+                bind(cls, spec), batch_size=self.actor_batch, batch_format="numpy",
+                compute=self.ray.data.ActorPoolStrategy(size=self.workers),
+                num_cpus=self.options.cpus_per_worker / share, num_gpus=self.gpus_per_worker / share,
+                max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+
+    def _tasks(self, ds, fn: Callable, spec: WorkerSpec):
+        """A per-image CPU task stage (1 CPU per task)."""
+        with _retry_args():
+            return ds.map_batches(fn, fn_kwargs={"spec": spec}, batch_size=TASK_BATCH, batch_format="numpy",
+                                  num_cpus=1, max_retries=MAX_RESTARTS)
+
+    def _run(self, rows: list[dict[str, Any]], build: Callable, description: str) -> Iterator[dict[str, Any]]:
+        """Run one pass over ``rows`` (``build`` adds its stages to the dataset); its output rows as they arrive,
+        with each worker's warnings reported and the progress advanced."""
+        if not rows:
+            return
+        ds = build(self.ray.data.from_items(rows))
+        with self.reporter.progress(description, len(rows)) as advance:
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+                        for line in filter(None, str(row.get("warn", "")).split("\n")):
+                            self.reporter.warn(line)
+                        advance(1)
+                        yield row
+            except Exception as exc:  # noqa: BLE001 - a worker's segcli error, wrapped by Ray
+                unwrapped = _unwrap(exc)
+                if unwrapped is exc:
+                    raise
+                raise unwrapped from None
+
+    def _rows_of(self, items: list) -> list[dict[str, Any]]:
+        """Rows of the items not skipped yet, each with its index in ``items``."""
+        return _rows(items, [i for i, item in enumerate(items) if item.key not in self.skipped])
+
+    def _ok(self, items: list, row: dict[str, Any]) -> bool:
+        """False (and the image reported and skipped) when the row carries an error."""
+        if str(row["error"]):
+            self._skip(items[int(row["index"])], BadImageError(str(row["error"])))
+            return False
+        return True
+
+    # ------------------------------------------------------------------ passes
+    def extract(self, items: list) -> RunSummary:
+        t0 = time.perf_counter()
+        spec = self._spec(mode="extract")
+        rows = self._run(self._rows_of(items), lambda ds: self._actors(ds, self.feature_actor, spec, 1), "features")
+        n = sum(1 for row in rows if self._ok(items, row))
+        return RunSummary(written=n, skipped=dict(self.skipped), seconds=time.perf_counter() - t0,
+                          timings=self.timings.as_dict())
+
+    def _fit_samples(self, items: list) -> tuple[list, list[dict[str, np.ndarray]]]:
+        from segcli import steps
+
+        spec = self._spec(mode="sample", quota=steps.fit_quota(self.config.max_samples, len(items)))
+        samples = {}
+        for row in self._run(self._rows_of(items), lambda ds: self._actors(ds, self.feature_actor, spec, 1), "features"):
+            if self._ok(items, row):
+                samples[int(row["index"])] = unpack(row["feat"])
+        order = sorted(samples)
+        return [items[i] for i in order], [samples[i] for i in order]
+
+    def _region_pass(self, items: list, description: str, finish: str, need_features: bool = True,
+                     **extra) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """One region pass (module docstring): (index in ``items``, finish result) of every usable image, in
+        any order; images that fail are reported and skipped."""
+        crops = self.config.assign == "cls"
+        spec = self._spec(self.model_, mode="features", lookup=not need_features, need_features=need_features,
+                          region_key=self._region_key(), finish=finish, **extra)
+        share = 2 if crops else 1
+
+        def build(ds):
+            ds = self._actors(ds, self.feature_actor, spec, share)
+            ds = self._tasks(ds, self.region_task, spec)
+            if crops:
+                ds = self._actors(ds, self.crop_actor, spec, share)
+            return self._tasks(ds, self.finish_task, spec)
+
+        for row in self._run(self._rows_of(items), build, description):
+            if self._ok(items, row):
+                yield int(row["index"]), (unpack(row["result"]) if len(row["result"]) else {})
+
+    def _sample_patches(self, items: list, description: str, foreground: bool, stream: int) -> list[np.ndarray]:
+        from segcli import steps
+
+        quota = steps.fit_quota(self.config.max_samples, len(items))
+        found = {i: r["sample"] for i, r in self._region_pass(items, description, "sample", foreground=foreground,
+                                                              stream=stream, quota=quota)}
+        return [found[i] for i in sorted(found) if len(found[i])]
+
+    def _region_embeddings(self, items: list) -> dict[str, np.ndarray]:
+        found = self._region_pass(items, "regions", "emb", need_features=False)
+        return {items[i].key: r["emb"] for i, r in found if len(r["emb"])}
+
+    def _part_graph(self, items: list, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        adjacency = np.zeros((len(centroids), len(centroids)), dtype=np.int64)
+        sizes = np.zeros(len(centroids), dtype=np.int64)
+        for _, r in self._region_pass(items, "part graph", "parts", centroids=np.asarray(centroids)):
+            adjacency += r["adjacency"]
+            sizes += r["sizes"]
+        return adjacency, sizes
+
+    def _write_masks(self, todo: list, out: Path, ov: Path | None) -> int:
+        from segcli import steps
+
+        found = self._region_pass(todo, "masks", "masks", need_features=steps.needs_features(self.model_),
+                                  out=str(Path(out).absolute()), overlay=str(Path(ov).absolute()) if ov else None)
+        return sum(1 for _ in found)

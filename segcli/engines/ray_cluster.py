@@ -66,8 +66,8 @@ def _quiet_ray_data(ray) -> None:
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    for name in ("ray.data", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("ray.data", "ray"):  # Ray's own notices (token set-up, progress bars off); errors still show
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextmanager
