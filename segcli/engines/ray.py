@@ -149,8 +149,11 @@ class FeatureActor(BackboneActor):
                 bundle = store.load(row["digest"], steps.REGION_SPECS, None, check=steps.check_region_bundle)
                 if bundle is not None:
                     row["bundle"], row["skip"] = pack(bundle), True
-        todo = [r for r in rows if not r["skip"]]
-        for row, (item, f) in zip(todo, self.source.features([_item(r) for r in todo])):
+        todo = {r["key"]: r for r in rows if not r["skip"]}
+        # Run the generator to its end: only then has it waited for its last cache writes (a zip with the rows
+        # would stop it one step early, and closing it drops the writes still queued).
+        for item, f in self.source.features([_item(r) for r in todo.values()]):
+            row = todo[item.key]
             if isinstance(f, BadImageError):
                 row["error"] = str(f)
                 continue
