@@ -160,7 +160,7 @@ def test_a_worker_killed_mid_batch_is_retried(cluster, tmp_path):
 def test_killed_driver_resumes(tmp_path):
     """Item 4: ``segcli segment --engine ray`` (its own local cluster) killed with SIGKILL mid-run leaves every
     finished cache entry; the same command then finishes without recomputing them, and stops its cluster."""
-    images = make_images(tmp_path / "images", 24, seed=1100, bad=False)
+    images = make_images(tmp_path / "images", 12, seed=1100, bad=False)
     cache, out = tmp_path / "cache", tmp_path / "masks"
     args = [sys.executable, "-m", "segcli", "segment", images, "--out", out, "--cache", cache, "--engine", "ray",
             *weights(), *FAST]
@@ -183,7 +183,7 @@ def test_killed_driver_resumes(tmp_path):
     assert before
     rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr
-    assert len(pngs(out)) == 24 and len(feature_files(cache)) == 24
+    assert len(pngs(out)) == 12 and len(feature_files(cache)) == 12
     assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "finished features were computed again"
 
 
