@@ -45,4 +45,4 @@ print("imported:" + ",".join(m for m in ("ray", "segcli.engines.ray", "segcli.en
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "imported:", f"the local engine imported: {r.stdout}"
-    assert len(list((tmp_path / "masks").glob("*.png"))) == 3
+    assert len(list((tmp_path / "masks").rglob("*.png"))) == 3
