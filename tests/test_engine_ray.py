@@ -242,3 +242,17 @@ def test_engine_options_need_engine_ray():
         assert r.exit_code == 2 and "only apply with --engine ray" in r.output, r.output
     r = cli("segment", ROOT / "examples", "--out", "/nonexistent/x", "--engine", "spark")
     assert r.exit_code == 2 and "unknown --engine" in r.output
+
+
+def test_worker_errors_are_one_line(cluster, tmp_path):
+    """A segcli error raised in an actor (a device it cannot use) ends the run with its own one-line message and
+    exit code, as on the local engine; an --address where nothing answers fails at once (exit 3)."""
+    import torch
+
+    images = make_images(tmp_path / "images", 2, bad=False)
+    if not torch.cuda.is_available():
+        r = cli("segment", images, "--out", tmp_path / "m", "--cache", tmp_path / "c", "--engine", "ray",
+                *weights(), *FAST, "--device", "cuda", "--gpus-per-worker", 0)  # the last --device counts
+        assert r.exit_code == 2 and "CUDA is not available" in r.output and "Traceback" not in r.output, r.output
+    r = cli("segment", images, "--out", tmp_path / "m", "--engine", "ray", "--address", "127.0.0.1:1", *weights())
+    assert r.exit_code == 3 and "nothing answers at 127.0.0.1:1" in r.output, r.output

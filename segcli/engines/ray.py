@@ -26,6 +26,7 @@ there), because the backbone's fp16 features depend on it (one value in ~768 dif
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 import warnings
@@ -104,6 +105,51 @@ class _Warnings:
         return text
 
 
+# ``error``: the image is unusable (reported and skipped); ``fatal``: "ClassName:message" of a segcli error that
+# stops the run (a backbone an actor cannot load, an unwritable output), raised again on the driver.
+ROW_COLUMNS = ("index", "key", "path", "skip", "error", "fatal", "digest", "feat", "bundle", "crops", "warn")
+
+
+def _row_defaults() -> dict[str, Any]:
+    return {"skip": False, "error": "", "fatal": "", "digest": "", "feat": b"", "bundle": b"", "crops": b"", "warn": ""}
+
+
+def guarded(fn: Callable) -> Callable:
+    """A stage's batch function whose segcli errors (other than a bad image) come back as ``fatal`` rows.
+
+    Ray passes a worker's exception to the driver as text inside its own exception types, so its class and
+    one-line message would be lost; as data they reach :meth:`RaySegmenter._run`, which raises them again.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SegcliError as exc:
+            if isinstance(exc, BadImageError):
+                raise
+            batch = next(a for a in args if isinstance(a, dict))
+            rows = [{**_row_defaults(), "index": int(i), "key": str(k), "path": str(p),
+                     "fatal": f"{type(exc).__name__}:{exc}"}
+                    for i, k, p in zip(batch["index"], batch["key"], batch["path"])]
+            return _columns(rows) if fn.__name__ != "finish_task" else {
+                "index": [r["index"] for r in rows], "error": [""] * len(rows), "fatal": [r["fatal"] for r in rows],
+                "result": [b""] * len(rows), "warn": [""] * len(rows)}
+
+    return run
+
+
+def raise_fatal(text: str) -> None:
+    """Raise the segcli error a worker sent back as ``ClassName:message``."""
+    from segcli import errors
+
+    name, _, message = text.partition(":")
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SegcliError)):
+        cls = SegcliError
+    raise cls(message)
+
+
 class BackboneActor:
     """A backbone actor: one FeatureSource (one backbone on the actor's device, the run's feature cache) for the
     actor's lifetime, built once in the constructor.
@@ -120,7 +166,17 @@ class BackboneActor:
         spec = self.spec
         set_threads(spec.threads)
         self.warnings = _Warnings()
-        self.source = FeatureSource(spec.config, warn=self.warnings, **spec.source)
+        self.init_error: SegcliError | None = None
+        try:
+            self.source = FeatureSource(spec.config, warn=self.warnings, **spec.source)
+        except SegcliError as exc:
+            # Raised from the first call instead: Ray restarts an actor whose constructor fails and reports only
+            # a traceback, while an error of a call reaches the driver as itself (one line, its exit code).
+            self.init_error = exc
+
+    def check(self) -> None:
+        if self.init_error is not None:
+            raise self.init_error
 
 
 class FeatureActor(BackboneActor):
@@ -132,9 +188,11 @@ class FeatureActor(BackboneActor):
     pass that needs region bundles only) an image whose bundle is in the region cache skips the backbone.
     """
 
+    @guarded
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from segcli import steps
 
+        self.check()
         extra = self.spec.extra
         mode = extra["mode"]
         rows = [{**_row_defaults(), "index": int(i), "key": str(k), "path": str(p)}
@@ -171,9 +229,11 @@ class CropActor(BackboneActor):
     local engine's grouping across images), each bundle completed (:func:`segcli.steps.with_embeddings`) and
     written to the region cache."""
 
+    @guarded
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from segcli import steps
 
+        self.check()
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         crops = {int(r["index"]): _crop_list(unpack(r["crops"])) for r in rows if len(r["crops"])}
         flat = [c for cs in crops.values() for c in cs]
@@ -194,13 +254,6 @@ class CropActor(BackboneActor):
 
 
 # The columns every stage of a region pass passes on (blobs are .npz bytes, b"" when absent).
-ROW_COLUMNS = ("index", "key", "path", "skip", "error", "digest", "feat", "bundle", "crops", "warn")
-
-
-def _row_defaults() -> dict[str, Any]:
-    return {"skip": False, "error": "", "digest": "", "feat": b"", "bundle": b"", "crops": b"", "warn": ""}
-
-
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
     return {k: [r[k] for r in rows] for k in ROW_COLUMNS}
 
@@ -240,6 +293,7 @@ def _features(row: dict[str, Any]):
     return ImageFeatures.from_arrays(unpack(row["feat"])) if len(row["feat"]) else None
 
 
+@guarded
 def regions_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, list]:
     """Each image's region step up to the crops (:func:`segcli.steps.regions_step`, on this worker's CPU): a cached
     bundle is passed through; a fresh one without crops is written to the region cache here, one with crops
@@ -253,7 +307,7 @@ def regions_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, li
     results = []
     for row in _task_rows(batch):
         row = dict(row)
-        if not row["error"] and not len(row["bundle"]):
+        if not row["error"] and not row["fatal"] and not len(row["bundle"]):
             f = _features(row)
             try:
                 # A pass that looked its bundles up already (FeatureActor) read this one once: absent or damaged.
@@ -275,6 +329,7 @@ def regions_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, li
     return _columns(results)
 
 
+@guarded
 def finish_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, list]:
     """The last per-image step of a pass, by ``spec.extra["finish"]``: ``emb`` (the region embeddings, for the
     class fit), ``sample`` (:func:`segcli.steps.patch_sample`), ``parts`` (:func:`segcli.steps.part_graph`),
@@ -283,10 +338,10 @@ def finish_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, lis
 
     set_threads(spec.threads)
     extra, model = spec.extra, spec.model
-    out: dict[str, list] = {"index": [], "error": [], "result": [], "warn": []}
+    out: dict[str, list] = {"index": [], "error": [], "fatal": [], "result": [], "warn": []}
     for row in _task_rows(batch):
         error, result = str(row["error"]), b""
-        if not error:
+        if not error and not row["fatal"]:
             bundle, f = unpack(row["bundle"]), _features(row)
             try:
                 if extra["finish"] == "emb":
@@ -304,28 +359,13 @@ def finish_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, lis
                 error = str(exc)
         out["index"].append(int(row["index"]))
         out["error"].append(error)
+        out["fatal"].append(str(row["fatal"]))
         out["result"].append(result)
         out["warn"].append(str(row["warn"]))
     return out
 
 
 # ------------------------------------------------------------------------------------------------ driver
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The segcli error behind a failed Ray job (Ray wraps a worker's exception, sometimes twice), as a plain
-    instance of its segcli class so that its message stays one line; else ``exc`` itself."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, SegcliError):
-            base = next(c for c in type(e).__mro__ if issubclass(c, SegcliError) and c.__module__ == "segcli.errors")
-            return base(*e.args) if type(e) is not base else e
-        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    return exc
 
 
 @contextmanager
@@ -417,15 +457,18 @@ class RaySegmenter(Segmenter):
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+                        if str(row.get("fatal", "")):
+                            raise_fatal(str(row["fatal"]))
                         for line in filter(None, str(row.get("warn", "")).split("\n")):
                             self.reporter.warn(line)
                         advance(1)
                         yield row
-            except Exception as exc:  # noqa: BLE001 - a worker's segcli error, wrapped by Ray
-                unwrapped = _unwrap(exc)
-                if unwrapped is exc:
-                    raise
-                raise unwrapped from None
+            except SegcliError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Ray's errors span many lines of remote tracebacks
+                from segcli.checkpoints.base import first_line
+
+                raise RuntimeError(f"the Ray job failed: {type(exc).__name__}: {first_line(exc, 300)}") from exc
 
     def _rows_of(self, items: list) -> list[dict[str, Any]]:
         """Rows of the items not skipped yet, each with its index in ``items``."""

@@ -7,8 +7,10 @@ import and seconds to start, so the local engine and ``segcli --help`` never imp
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,11 +40,34 @@ class RayOptions:
     num_cpus: int | None = None
 
 
-def import_ray(address: str | None = None):
-    """Import ray (one clear error without the extra). For a local cluster, first make Ray bind every process to
-    127.0.0.1: with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray 2.60 keeps a loopback node address instead of
-    replacing it with the machine's interface address, which some set-ups do otherwise."""
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``HOST:PORT`` or ``ray://HOST:PORT`` address; None for ``auto``/``local`` and the like."""
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def is_loopback_address(address: str | None) -> bool:
+    """True for no address (a private local cluster) and for 127.x / ::1 / localhost ones."""
     if address is None:
+        return True
+    hp = _host_port(address)
+    if hp is None:
+        return False
+    try:
+        return ipaddress.ip_address(hp[0]).is_loopback
+    except ValueError:
+        return hp[0] == "localhost"
+
+
+def import_ray(address: str | None = None):
+    """Import ray (one clear error without the extra). For a local cluster (or a loopback address), first make
+    Ray keep every process on 127.0.0.1: with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray 2.60 keeps a loopback
+    node address instead of replacing it with the machine's interface address, which it does otherwise (then
+    ``--address 127.0.0.1:6379`` is dialled on the machine's network address)."""
+    if is_loopback_address(address):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         import ray
@@ -66,8 +91,10 @@ def _quiet_ray_data(ray) -> None:
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    for name in ("ray.data", "ray"):  # Ray's own notices (token set-up, progress bars off); errors still show
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray's own notices (token set-up, progress bars off) and its tracebacks of a failed job: segcli reports a
+    # failure itself, as one line (the traceback with --debug).
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 @contextmanager
@@ -77,10 +104,12 @@ def ray_session(options: RayOptions) -> Iterator[object]:
     without a dashboard, and shut down when the block ends (also on errors and Ctrl-C)."""
     ray = import_ray(options.address)
     _quiet_ray_data(ray)
+    if options.address is not None:
+        _check_reachable(options.address)
     if ray.is_initialized():
         yield ray
         return
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         if options.address is None:
             ray.init(address="local", num_cpus=options.num_cpus, _node_ip_address=LOOPBACK, **kwargs)
@@ -93,6 +122,18 @@ def ray_session(options: RayOptions) -> Iterator[object]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail at once (one line) when a HOST:PORT address does not answer: Ray itself retries for minutes."""
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(f"--address {address}: nothing answers at {hp[0]}:{hp[1]} ({exc.strerror or exc}); start the "
+                         "head node with `ray start --head`, or leave --address out for a local cluster") from None
 
 
 def cluster_addresses(ray) -> dict[str, list[str]]:
