@@ -211,7 +211,7 @@ def _sorted_header(data: bytes) -> bytes:
     length (tensor offsets are relative to the end of the header, so the data is unchanged)."""
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     if len(text) > n:  # never expected (same content, compact separators): keep safetensors' own bytes
         return data
     return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]

@@ -69,14 +69,17 @@ def test_ray_engine_writes_what_the_local_engine_writes(cluster, tmp_path):
     runs = {}
     for engine in ("local", "ray"):
         r = ok(cli("cluster-dataset", images, "--out", tmp_path / f"{engine}.segcli", "--masks", tmp_path / engine,
-                   "--cache", tmp_path / f"cache-{engine}", "--engine", engine, *weights(), *FAST), 4)
+                   "--overlay", tmp_path / f"overlay-{engine}", "--cache", tmp_path / f"cache-{engine}",
+                   "--engine", engine, *weights(), *FAST), 4)
         assert "s02b.png" in r.output and "skipped" in r.output and "Traceback" not in r.output
+        overlays = {p.name: p.read_bytes() for p in sorted((tmp_path / f"overlay-{engine}").glob("*.jpg"))}
         runs[engine] = (pngs(tmp_path / engine), (tmp_path / f"{engine}.segcli").read_bytes(),
-                        cache_files(tmp_path / f"cache-{engine}"))
-    masks, model, cache = runs["ray"]
+                        cache_files(tmp_path / f"cache-{engine}"), overlays)
+    masks, model, cache, overlays = runs["ray"]
     assert len(masks) == 7 and masks == runs["local"][0]
     assert model == runs["local"][1], "the model files differ"
     assert cache.keys() == runs["local"][2].keys() and cache == runs["local"][2]
+    assert len(overlays) == 7 and overlays == runs["local"][3]
     assert len(SegModel.load(tmp_path / "ray.segcli").class_centroids) == 2
 
     # segment --model on the local engine's cache: nothing is computed again, the masks are the same.
