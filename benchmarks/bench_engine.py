@@ -9,7 +9,8 @@ backbone (no pretrained weights can be downloaded here; the cost does not depend
 sampler walks the process tree every 0.1 s (the driver, and for Ray its GCS, raylet, actors and task workers):
 
 * **CPU-s**: user + system seconds of every process of the tree (the last value seen of each process, so the
-  ones that ended count too);
+  ones that ended count too; up to one sampling interval of a process that ends is missed), also split by
+  process (driver, Ray's task/actor workers ``default_worker.py``, its daemons);
 * **peak RSS**: each process's own peak (``VmHWM`` in /proc, what ``ru_maxrss`` reports; exact): the driver's,
   and the sum over every process of the tree (an upper bound of the whole run's peak), and the largest sum of
   resident memory of the tree seen at one time (sampled: a lower bound);
@@ -51,6 +52,7 @@ class TreeSampler:
         self.interval = interval
         self.cpu: dict[int, float] = {}
         self.hwm: dict[int, int] = {}  # kB
+        self.names: dict[int, str] = {}
         self.peak_total_rss = 0
         self.max_processes = 0
         self._stop = threading.Event()
@@ -69,9 +71,11 @@ class TreeSampler:
             for p in procs:
                 try:
                     t = p.cpu_times()
-                    self.cpu[p.pid] = t.user + t.system + t.children_user + t.children_system
+                    self.cpu[p.pid] = t.user + t.system  # own time only: a reaped child is counted as itself
                     total += p.memory_info().rss
                     self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), _vm_hwm_kb(p.pid))
+                    if self.names.get(p.pid, "python") in ("python", "ray::IDLE"):  # until it says what it runs
+                        self.names[p.pid] = "driver" if p.pid == self.root.pid else _title(p)
                 except psutil.Error:
                     continue
             self.peak_total_rss = max(self.peak_total_rss, total)
@@ -83,7 +87,26 @@ class TreeSampler:
         self._thread.join()
         return {"cpu_s": sum(self.cpu.values()), "peak_tree_rss_mb": self.peak_total_rss / 2**20,
                 "driver_peak_rss_mb": self.hwm.get(self.root.pid, 0) / 1024,
-                "sum_peak_rss_mb": sum(self.hwm.values()) / 1024, "processes": len(self.cpu)}
+                "sum_peak_rss_mb": sum(self.hwm.values()) / 1024, "processes": len(self.cpu),
+                "cpu_s_by_process": _by_name(self.cpu, self.names)}
+
+
+def _title(p) -> str:
+    """A process's name; Ray workers by their title (``ray::MapWorker(MapBatches(FeatureActor))``, ``ray::IDLE``)."""
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0][:60]
+    script = next((c.rsplit("/", 1)[-1] for c in cmd[1:] if c.endswith(".py")), "")
+    return f"python {script}" if script else p.name()
+
+
+def _by_name(cpu: dict[int, float], names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds summed per process name (Ray names its workers by what they run: ray::MapWorker(...), ...)."""
+    out: dict[str, float] = {}
+    for pid, seconds in cpu.items():
+        name = names.get(pid, "?")
+        out[name] = out.get(name, 0.0) + seconds
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -207,6 +230,8 @@ def main() -> None:
     ]
     for name, a, b in rows:
         print(f"{name:<34}{a:>12}{b:>12}")
+    split = runs["ray"][hi]["cpu_s_by_process"]
+    print(f"ray {hi}: CPU s by process: " + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
     print(f"masks byte-identical between the engines: {'yes' if identical else 'NO'}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2, default=float) + "\n")
