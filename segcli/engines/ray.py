@@ -105,7 +105,8 @@ class _Warnings:
         return text
 
 
-# ``error``: the image is unusable (reported and skipped); ``fatal``: "ClassName:message" of a segcli error that
+# The columns every stage of a pass passes on (blobs are .npz bytes, b"" when absent). ``error``: the image is
+# unusable (reported and skipped); ``fatal``: "ClassName:message" of a segcli error that
 # stops the run (a backbone an actor cannot load, an unwritable output), raised again on the driver.
 ROW_COLUMNS = ("index", "key", "path", "skip", "error", "fatal", "digest", "feat", "bundle", "crops", "warn")
 
@@ -253,7 +254,6 @@ class CropActor(BackboneActor):
         return _columns(results)
 
 
-# The columns every stage of a region pass passes on (blobs are .npz bytes, b"" when absent).
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
     return {k: [r[k] for r in rows] for k in ROW_COLUMNS}
 
@@ -301,8 +301,8 @@ def regions_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, li
     from segcli import steps
 
     set_threads(spec.threads)
-    warnings = _Warnings()
-    store = _region_store(spec, warnings)
+    notes = _Warnings()
+    store = _region_store(spec, notes)
     model = spec.model
     results = []
     for row in _task_rows(batch):
@@ -325,7 +325,7 @@ def regions_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, li
         if not spec.extra["need_features"]:
             row["feat"] = b""
         results.append({k: row[k] for k in ROW_COLUMNS})
-    results[-1]["warn"] = "\n".join(filter(None, [str(results[-1]["warn"]), warnings.take()]))
+    results[-1]["warn"] = "\n".join(filter(None, [str(results[-1]["warn"]), notes.take()]))
     return _columns(results)
 
 
