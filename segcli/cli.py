@@ -110,7 +110,7 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbon
 DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
 FeatureCacheOpt = Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Keep each image's features in the --cache folder (default). --no-feature-cache recomputes them in every pass instead (fit and predict read them 2-4 times): cheaper than the file I/O on a GPU, not on a CPU. Region bundles are cached either way.", rich_help_panel="Backbone")]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1, except 0 when the backbone runs on the CPU (its forward already uses every core); 0 = in the main process. Results do not depend on it.", rich_help_panel="Backbone")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1, except 0 when the backbone runs on the CPU (its forward already uses every core); 0 = in the main process. With --engine ray: the backbone actors, one backbone each (default: one per GPU when the run uses GPUs, else 1). Results do not depend on it.", rich_help_panel="Backbone")]
 DevicePath = Annotated[Optional[bool], typer.Option("--device-path/--host-path", help="Run the region pass (fusion, image-level k-means, refinement, crops) batched on the backbone's device (default: when it is a CUDA GPU) or image by image in the --workers pool. Same masks either way with --assign pooled/parts; crops resized by torch instead of PIL with cls.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
@@ -136,6 +136,10 @@ Split = Annotated[Optional[str], typer.Option("--split", help="For a VOC layout:
 Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here.", rich_help_panel="Output", **_URI)]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finished masks of the same model in the output folder.", rich_help_panel="Output")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
+Engine = Annotated[str, typer.Option("--engine", help="local (this process) | ray (Ray Data: backbone actors and per-image tasks on a Ray cluster; needs the ray extra; README: Running on a cluster). Same masks and model either way.", rich_help_panel="Engine")]
+Address = Annotated[Optional[str], typer.Option("--address", help="--engine ray: the cluster to join (auto, HOST:6379, ray://HOST:10001); default: a private local cluster on 127.0.0.1, started for the run and stopped at its end.", rich_help_panel="Engine")]
+GpusPerWorker = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="--engine ray: GPUs each backbone actor reserves (fractions share a GPU; default 1 when the cluster has GPUs and --device allows them, else 0).", rich_help_panel="Engine")]
+CpusPerWorker = Annotated[float, typer.Option("--cpus-per-worker", help="--engine ray: CPUs each backbone actor reserves (per-image tasks take 1 each).", rich_help_panel="Engine")]
 
 
 # The options segment and cluster-dataset share, declared once: (parameter, annotated type, default).
@@ -153,6 +157,8 @@ _SHARED_OPTIONS = [
     ("stuff", Stuff, 0),
     ("decode_workers", DecodeWorkers, None), ("compile", Compile, False), ("feature_cache", FeatureCacheOpt, True),
     ("workers", Workers, None), ("device_path", DevicePath, None),
+    ("engine", Engine, "local"), ("address", Address, None),
+    ("gpus_per_worker", GpusPerWorker, None), ("cpus_per_worker", CpusPerWorker, 1.0),
 ]
 
 
@@ -219,7 +225,32 @@ def _check_run_options(opts: dict) -> SegmentConfig:
         raise UsageError(f"unknown --device {opts['device']!r}; use auto, cpu, cuda, cuda:N or mps")
     if str(opts["precision"]).strip().lower() not in ("auto", "fp32", "bf16", "fp16"):
         raise UsageError(f"unknown --precision {opts['precision']!r}; use auto, fp32, bf16 or fp16")
+    _check_engine_options(opts)
     return _config(opts)
+
+
+def _check_engine_options(opts: dict) -> None:
+    """--engine and the Ray options (which need --engine ray)."""
+    from segcli.errors import UsageError
+
+    engine = str(opts["engine"]).strip().lower()
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown --engine {opts['engine']!r}; use local or ray")
+    opts["engine"] = engine
+    if engine != "ray":
+        given = [flag for flag, name, default in (("--address", "address", None),
+                 ("--gpus-per-worker", "gpus_per_worker", None), ("--cpus-per-worker", "cpus_per_worker", 1.0))
+                 if opts[name] != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --engine ray")
+    if engine == "ray" and opts["workers"] is not None and not 1 <= opts["workers"] <= 4096:
+        raise UsageError(f"--workers with --engine ray (backbone actors) must be between 1 and 4096, got {opts['workers']}")
+    if opts["gpus_per_worker"] is not None and not 0 <= opts["gpus_per_worker"] <= 64:
+        raise UsageError(f"--gpus-per-worker must be between 0 and 64, got {opts['gpus_per_worker']}")
+    if not 0 < opts["cpus_per_worker"] <= 1024:
+        raise UsageError(f"--cpus-per-worker must be above 0 (at most 1024), got {opts['cpus_per_worker']}")
+    if opts["address"] is not None and not str(opts["address"]).strip():
+        raise UsageError("--address is empty")
 
 
 def _protect_inputs(source: Path, items: list, opts: dict, folders: dict, model_in: Path | None = None,
@@ -257,11 +288,34 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
         import torch
 
         torch.set_num_threads(opts["threads"])
-    return Segmenter(config, model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
-                     precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
-                     batch_size=opts["batch_size"], decode_workers=opts["decode_workers"],
-                     compile=opts["compile"], feature_cache=opts["feature_cache"],
-                     workers=opts["workers"], device_path=opts["device_path"])
+    kwargs = dict(model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
+                  precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
+                  batch_size=opts["batch_size"], decode_workers=opts["decode_workers"], compile=opts["compile"],
+                  feature_cache=opts["feature_cache"])
+    if opts["engine"] == "ray":
+        from segcli.engines.ray import RaySegmenter
+
+        return RaySegmenter(config, ray_options=_ray_options(opts), threads=opts["threads"], **kwargs)
+    return Segmenter(config, workers=opts["workers"], device_path=opts["device_path"], **kwargs)
+
+
+def _ray_options(opts: dict):
+    from segcli.engines.ray_cluster import RayOptions
+
+    return RayOptions(address=opts["address"], workers=opts["workers"], gpus_per_worker=opts["gpus_per_worker"],
+                      cpus_per_worker=opts["cpus_per_worker"])
+
+
+def _engine_session(opts: dict):
+    """The engine's lifetime around a command's work: for --engine ray, a Ray session (a local cluster started
+    and stopped, or the --address cluster joined and left); nothing for the local engine."""
+    if opts["engine"] != "ray":
+        import contextlib
+
+        return contextlib.nullcontext()
+    from segcli.engines.ray_cluster import ray_session
+
+    return ray_session(_ray_options(opts))
 
 
 def _finish(command: str, summary, out: Path | None, started: float) -> None:
@@ -298,6 +352,7 @@ def segment(
     _protect_inputs(images, items, opts, {"--out": out}, model_in=model)
     prepare_output_dir(out)
     _check_remote_outputs(opts["overlay"])
+    fitted = None
     if model is not None:
         fitted = SegModel.load(model)
         if opts["backbone"] is not None:
@@ -306,10 +361,12 @@ def segment(
 
             if resolve_backbone_name(opts["backbone"]) != fitted.config.backbone:
                 raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {opts['backbone']}")
-        seg = _segmenter(fitted.config, reporter, opts, model=fitted)
-    else:
-        seg = _segmenter(config, reporter, opts).fit(items)
-    summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"])
+    with _engine_session(opts):
+        if fitted is not None:
+            seg = _segmenter(fitted.config, reporter, opts, model=fitted)
+        else:
+            seg = _segmenter(config, reporter, opts).fit(items)
+        summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"])
     _finish("segment", summary, out, started)
 
 
@@ -324,8 +381,6 @@ def cluster_dataset(
     **opts,
 ) -> None:
     """Fit the dataset-level model (the 'fit' of fit/predict) and save it for `segment --model`."""
-    from rich.console import Console
-
     from segcli.errors import UsageError
     from segcli.images import discover_images
     from segcli.report import RichReporter
@@ -345,6 +400,15 @@ def cluster_dataset(
         from segcli.outputs import prepare_output_dir
 
         prepare_output_dir(masks)
+    with _engine_session(opts):
+        _cluster_dataset(config, reporter, opts, items, part, out, masks, started)
+
+
+def _cluster_dataset(config: SegmentConfig, reporter, opts: dict, items: list, part: tuple[int, int] | None,
+                     out: Path | None, masks: Path | None, started: float) -> None:
+    """cluster-dataset's work, inside its engine's session: extract a shard, or fit (and write masks)."""
+    from rich.console import Console
+
     seg = _segmenter(config, reporter, opts)
     console = Console(stderr=True, highlight=False)
     if part is not None:

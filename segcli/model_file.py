@@ -127,9 +127,12 @@ class SegModel:
         }
 
     def to_bytes(self) -> bytes:
+        """The file's bytes: safetensors, with its JSON header's keys sorted, so that the same model always gives
+        the same bytes (safetensors itself writes the header in a per-process random order)."""
         from safetensors.numpy import save
 
-        return save({k: np.ascontiguousarray(v) for k, v in self.tensors().items()}, metadata=self.metadata())
+        return _sorted_header(save({k: np.ascontiguousarray(v) for k, v in self.tensors().items()},
+                                   metadata=self.metadata()))
 
     def digest(self) -> str:
         """Identity of the fitted state, used to key per-image results computed with it.
@@ -204,3 +207,15 @@ class SegModel:
             stuff_centroids=arrays.get("stuff_centroids", np.zeros((0, 0), np.float32)),
             version=meta.get("segcli_version", "?"),
         )
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """A safetensors file with its JSON header re-serialised with sorted keys, padded with spaces to the same
+    length (tensor offsets are relative to the end of the header, so the data is unchanged)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # never expected (same content, compact separators): keep safetensors' own bytes
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]
+

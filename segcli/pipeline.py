@@ -22,7 +22,7 @@ from segcli.config import REGION_FIELDS, SegmentConfig
 from segcli.engines.local import LocalEngine
 from segcli.errors import BadImageError, InputError, ModelError, UsageError
 from segcli.features_source import FeatureSource
-from segcli.foreground import LevelModel, border_grid, fit_level, normalised_attention
+from segcli.foreground import LevelModel, fit_level
 from segcli.images import ImageItem
 from segcli.kmeans import KMeans, cluster_embeddings
 from segcli.model_file import SegModel
@@ -48,10 +48,6 @@ class RunSummary:
     skipped: dict[str, str] = field(default_factory=dict)  # image key -> reason
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _rng(seed: int, *stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *stream])
 
 
 class Segmenter:
@@ -157,18 +153,13 @@ class Segmenter:
     def fit(self, items: list[ImageItem]) -> "Segmenter":
         cfg = self.config
         self._check_prior(items)
-        quota = max(1, cfg.max_samples // max(1, len(items)))
-        s_feats, s_attn, s_border, s_img, cls_tokens, used = [], [], [], [], [], []
-        for item, f in self._features(items, "features"):
-            h, w = f.grid
-            flat = f.feats.reshape(h * w, -1)
-            pick = _rng(cfg.seed, 1, len(used)).choice(h * w, size=min(quota, h * w), replace=False)
-            s_feats.append(flat[pick])
-            s_attn.append(normalised_attention(f.attn).ravel()[pick])
-            s_border.append(border_grid(h, w).ravel()[pick])
-            s_img.append(np.full(len(pick), len(used), dtype=np.int64))
-            cls_tokens.append(f.cls)
-            used.append(item)
+        used, samples = self._fit_samples(items)
+        s_feats = [s["feats"] for s in samples]
+        s_attn = [s["attn"] for s in samples]
+        s_border = [s["border"] for s in samples]
+        s_img = [np.full(len(s["feats"]), j, dtype=np.int64) for j, s in enumerate(samples)]
+        cls_tokens = [s["cls"] for s in samples]
+        del samples
         if not used:
             raise InputError(f"no usable images: all {len(items)} inputs were skipped")
         with self.timings("clustering"):
@@ -199,6 +190,17 @@ class Segmenter:
             self.engine.close()  # its workers hold the model as it was during the fit
         return self
 
+    def _fit_samples(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[dict[str, np.ndarray]]]:
+        """The usable items and, in their order, each one's share of the level fits' sample
+        (:func:`segcli.steps.fit_sample`, seeded by the image's index in ``items``)."""
+        quota = steps.fit_quota(self.config.max_samples, len(items))
+        index = {item.key: i for i, item in enumerate(items)}
+        used, samples = [], []
+        for item, f in self._features(items, "features"):
+            samples.append(steps.fit_sample(f, quota, self.config.seed, index[item.key]))
+            used.append(item)
+        return used, samples
+
     def _fit_levels(self, feats: np.ndarray, s_attn: list, s_border: list, s_img: list, cls: np.ndarray,
                     n_images: int) -> tuple[LevelModel, np.ndarray, list[LevelModel]]:
         """The dataset level, the CLS-token categories and one level per category, from sampled patches."""
@@ -220,15 +222,16 @@ class Segmenter:
 
     def _sample_patches(self, items: list[ImageItem], description: str, foreground: bool, stream: int) -> list[np.ndarray]:
         """A bounded, seeded sample of the foreground (or background) patch features of every image: at most
-        max_samples / #images per image, drawn with the random stream ``stream`` (one per fit)."""
+        max_samples / #images per image, drawn with the random stream ``stream`` (one per fit) of the image's
+        index in ``items`` (:func:`segcli.steps.patch_sample`), in the items' order."""
         cfg = self.config
-        quota = max(1, cfg.max_samples // max(1, len(items)))
+        quota = steps.fit_quota(cfg.max_samples, len(items))
+        index = {item.key: i for i, item in enumerate(items)}
         sample = []
-        for i, (item, f, r) in enumerate(self._results(items, description)):
-            keep = r["fg_grid"].ravel() == foreground
-            flat = f.feats.reshape(keep.size, -1)[keep]
-            if len(flat):
-                sample.append(flat[_rng(cfg.seed, stream, i).choice(len(flat), size=min(quota, len(flat)), replace=False)])
+        for item, f, r in self._results(items, description):
+            s = steps.patch_sample(f, r["fg_grid"], foreground, quota, cfg.seed, stream, index[item.key])
+            if len(s):
+                sample.append(s)
         return sample
 
     def _fit_stuff(self, items: list[ImageItem]) -> None:
@@ -248,7 +251,7 @@ class Segmenter:
         # Images without regions contribute nothing (their (0, 0) arrays cannot be stacked with the others).
         # In the items' order, whichever bundles came from the cache: the clustering must not depend on which
         # entries had to be recomputed (a damaged cache entry must give the masks of a clean run).
-        found = {item.key: r["emb"] for item, _, r in self._results(items, "regions", need_features=False) if len(r["emb"])}
+        found = self._region_embeddings(items)
         embs = [found[item.key] for item in items if item.key in found]
         with self.timings("clustering"):
             X = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
@@ -261,9 +264,13 @@ class Segmenter:
                     self.reporter.note(f"only {X.shape[0]} regions in the dataset: using {n} classes instead of {cfg.n_things}")
                 self.model_.class_centroids = cluster_embeddings(X, n, method=cfg.class_method, seed=cfg.seed)
 
+    def _region_embeddings(self, items: list[ImageItem]) -> dict[str, np.ndarray]:
+        """The region embeddings of every image that has regions, by image key."""
+        return {item.key: r["emb"] for item, _, r in self._results(items, "regions", need_features=False) if len(r["emb"])}
+
     def _fit_parts(self, items: list[ImageItem]) -> None:
         """Over-cluster foreground patches into parts, then merge parts by community detection."""
-        from segcli.parts import merge_parts, part_adjacency
+        from segcli.parts import merge_parts
 
         cfg = self.config
         sample = self._sample_patches(items, "regions", foreground=True, stream=2)
@@ -277,17 +284,22 @@ class Segmenter:
             n_parts = min(cfg.n_parts, len(X))
             # One initialisation and few iterations: parts are an over-segmentation, merged again below.
             centroids = KMeans(n_parts, seed=cfg.seed, max_samples=cfg.max_samples, n_init=1, max_iter=25).fit(X).cluster_centers_
-        adjacency = np.zeros((n_parts, n_parts), dtype=np.int64)
-        sizes = np.zeros(n_parts, dtype=np.int64)
-        for item, f, r in self._results(items, "part graph"):
-            with self.timings("clustering"):
-                grid = steps.part_grid(f, r["fg_grid"], centroids)
-                adjacency += part_adjacency(grid, n_parts)
-                sizes += np.bincount(grid[grid >= 0], minlength=n_parts)
+        adjacency, sizes = self._part_graph(items, centroids)
         with self.timings("clustering"):
             communities = merge_parts(adjacency, cfg.n_things, seed=cfg.seed, part_sizes=sizes, centroids=centroids)
         self.model_.part_centroids = centroids.astype(np.float32)
         self.model_.part_classes = communities.astype(np.int64) + cfg.thing_offset
+
+    def _part_graph(self, items: list[ImageItem], centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The dataset's part graph: adjacency counts between parts and patches per part, summed over images."""
+        adjacency = np.zeros((len(centroids), len(centroids)), dtype=np.int64)
+        sizes = np.zeros(len(centroids), dtype=np.int64)
+        for item, f, r in self._results(items, "part graph"):
+            with self.timings("clustering"):
+                a, n = steps.part_graph(f, r["fg_grid"], centroids)
+                adjacency += a
+                sizes += n
+        return adjacency, sizes
 
     def _fit_probe(self) -> None:
         """STEGO's own cluster probe as the class model: each foreground patch takes the class of its nearest
@@ -419,6 +431,15 @@ class Segmenter:
                 summary.reused += 1
             else:
                 todo.append(item)
+        summary.written = self._write_masks(todo, out, ov)
+        summary.skipped = {k: v for k, v in self.skipped.items()}
+        summary.seconds = time.perf_counter() - t0
+        summary.timings = self.timings.as_dict()
+        return summary
+
+    def _write_masks(self, todo: list[ImageItem], out: Path, ov: Path | None) -> int:
+        """Label and write these images (:func:`segcli.steps.mask_step`); the number written."""
+        written = 0
         need = steps.needs_features(self.model_)
         results = self._results(todo, "masks", need_features=need)
         if not need:  # labels come from the bundle alone: do not hand each image's features to a worker
@@ -429,13 +450,10 @@ class Segmenter:
                 if isinstance(result, BadImageError):
                     self._skip(item, result)
                     continue
-                summary.written += 1
+                written += 1
         finally:
             self.engine.close()
-        summary.skipped = {k: v for k, v in self.skipped.items()}
-        summary.seconds = time.perf_counter() - t0
-        summary.timings = self.timings.as_dict()
-        return summary
+        return written
 
     def close(self) -> None:
         """Stop the engine's worker processes now (fit() and predict() stop them when they end)."""

@@ -169,6 +169,53 @@ def regions_before_crops(model: SegModel, item: ImageItem, f: ImageFeatures, dev
     }, crops
 
 
+def sample_rng(seed: int, *stream: int) -> np.random.Generator:
+    """The random stream of one image in one fit: ``stream`` names the fit and ends with the image's index, so
+    an image's sample never depends on which other images were read before it, or where."""
+    return np.random.default_rng([seed, *stream])
+
+
+def fit_quota(max_samples: int, n_images: int) -> int:
+    """Patches each image may give to a fit's sample: the sample stays below ``max_samples`` whatever the size
+    of the dataset."""
+    return max(1, max_samples // max(1, n_images))
+
+
+def fit_sample(f: ImageFeatures, quota: int, seed: int, index: int) -> dict[str, np.ndarray]:
+    """One image's share of the level fits' sample: ``quota`` patches (features, normalised attention, border
+    flags) drawn with the stream of the image's ``index`` in the sorted input, and its CLS token."""
+    from segcli.foreground import border_grid, normalised_attention
+
+    h, w = f.grid
+    pick = sample_rng(seed, 1, index).choice(h * w, size=min(quota, h * w), replace=False)
+    return {
+        "feats": f.feats.reshape(h * w, -1)[pick],
+        "attn": normalised_attention(f.attn).ravel()[pick],
+        "border": border_grid(h, w).ravel()[pick],
+        "cls": f.cls,
+    }
+
+
+def patch_sample(f: ImageFeatures, fg_grid: np.ndarray, foreground: bool, quota: int, seed: int, stream: int,
+                 index: int) -> np.ndarray:
+    """Up to ``quota`` of one image's foreground (or background) patch features for the fit ``stream`` (2:
+    parts, 3: stuff), drawn with the stream of the image's ``index`` in the fit's item list; (0, D) if none."""
+    keep = fg_grid.ravel() == foreground
+    flat = f.feats.reshape(keep.size, -1)[keep]
+    if not len(flat):
+        return flat
+    return flat[sample_rng(seed, stream, index).choice(len(flat), size=min(quota, len(flat)), replace=False)]
+
+
+def part_graph(f: ImageFeatures, fg_grid: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One image's share of the part graph: (adjacency counts between parts, patches per part)."""
+    from segcli.parts import part_adjacency
+
+    n_parts = len(centroids)
+    grid = part_grid(f, fg_grid, centroids)
+    return part_adjacency(grid, n_parts), np.bincount(grid[grid >= 0], minlength=n_parts)
+
+
 def with_embeddings(bundle: Bundle, emb: np.ndarray) -> Bundle:
     """The bundle completed with its regions' crop embeddings (rows of a crop forward shared with other images)."""
     return {**bundle, "emb": np.ascontiguousarray(emb, dtype=np.float32)}
