@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from segcli import storage
 from segcli.config import SegmentConfig
 from segcli.engines.ray_cluster import RayOptions
 from segcli.errors import BadImageError, SegcliError
@@ -83,6 +84,12 @@ def set_threads(threads: int) -> None:
 
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def _absolute(place) -> str:
+    """A location as every worker reads it: a URI as is, a local path made absolute (workers may start in
+    another directory)."""
+    return str(place) if storage.is_remote(place) else str(Path(place).absolute())
 
 
 def _rows(items, indices: Iterable[int] | None = None) -> list[dict[str, Any]]:
@@ -266,7 +273,7 @@ def _region_store(spec: WorkerSpec, warn: Callable[[str], None]):
     """The run's region cache (the local engine's EntryStore, same folder and keys)."""
     from segcli.cache import EntryStore
 
-    return EntryStore(Path(spec.source["cache_dir"]), f"regions/{spec.extra['region_key']}", compressed=True, warn=warn)
+    return EntryStore(storage.location(spec.source["cache_dir"]), f"regions/{spec.extra['region_key']}", compressed=True, warn=warn)
 
 
 def bind(cls: type, spec: WorkerSpec) -> type:
@@ -284,7 +291,7 @@ def _task_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 def _item(row: dict[str, Any]):
     from segcli.images import ImageItem
 
-    return ImageItem(path=Path(str(row["path"])), key=str(row["key"]))
+    return ImageItem(path=storage.location(str(row["path"])), key=str(row["key"]))
 
 
 def _features(row: dict[str, Any]):
@@ -353,8 +360,8 @@ def finish_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, lis
                     adjacency, sizes = steps.part_graph(f, bundle["fg_grid"], extra["centroids"])
                     result = pack({"adjacency": adjacency, "sizes": sizes})
                 else:
-                    steps.mask_step(_item(row), f, bundle, model=model, out=Path(extra["out"]),
-                                    overlay=Path(extra["overlay"]) if extra["overlay"] else None, device="cpu")
+                    steps.mask_step(_item(row), f, bundle, model=model, out=storage.location(extra["out"]),
+                                    overlay=storage.location(extra["overlay"]) if extra["overlay"] else None, device="cpu")
             except BadImageError as exc:
                 error = str(exc)
         out["index"].append(int(row["index"]))
@@ -413,10 +420,10 @@ class RaySegmenter(Segmenter):
         driver = {**source_kwargs, "device": "cpu", "precision": "fp32", "compile": False, "decode_workers": 0}
         super().__init__(config, model=model, reporter=reporter, **driver)
         worker = dict(source_kwargs)
-        worker["cache_dir"] = str(self.source.cache_root.absolute())
+        worker["cache_dir"] = _absolute(self.source.cache_root)
         for name in ("weights", "features_dir"):
             if worker.get(name) is not None:
-                worker[name] = str(Path(worker[name]).absolute())
+                worker[name] = _absolute(storage.location(worker[name]))
         self.worker_source = worker
         gpus = float(self.ray.cluster_resources().get("GPU", 0))
         device = str(worker.get("device", "auto")).lower()
@@ -545,5 +552,5 @@ class RaySegmenter(Segmenter):
         from segcli import steps
 
         found = self._region_pass(todo, "masks", "masks", need_features=steps.needs_features(self.model_),
-                                  out=str(Path(out).absolute()), overlay=str(Path(ov).absolute()) if ov else None)
+                                  out=_absolute(out), overlay=_absolute(ov) if ov else None)
         return sum(1 for _ in found)
