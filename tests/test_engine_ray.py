@@ -240,7 +240,7 @@ with ray_session(RayOptions(num_cpus=1)) as ray:
 
 
 def test_engine_options_need_engine_ray():
-    for extra in (["--address", "auto"], ["--workers", 2], ["--gpus-per-worker", 1], ["--cpus-per-worker", 2]):
+    for extra in (["--address", "auto"], ["--gpus-per-worker", 1], ["--cpus-per-worker", 2]):  # --workers: both engines
         r = cli("segment", ROOT / "examples", "--out", "/nonexistent/x", *extra)
         assert r.exit_code == 2 and "only apply with --engine ray" in r.output, r.output
     r = cli("segment", ROOT / "examples", "--out", "/nonexistent/x", "--engine", "spark")
@@ -259,3 +259,8 @@ def test_worker_errors_are_one_line(cluster, tmp_path):
         assert r.exit_code == 2 and "CUDA is not available" in r.output and "Traceback" not in r.output, r.output
     r = cli("segment", images, "--out", tmp_path / "m", "--engine", "ray", "--address", "127.0.0.1:1", *weights())
     assert r.exit_code == 3 and "nothing answers at 127.0.0.1:1" in r.output, r.output
+
+
+def test_workers_with_engine_ray_counts_backbone_actors():
+    r = cli("segment", ROOT / "examples", "--out", "/nonexistent/x", "--engine", "ray", "--workers", 0)
+    assert r.exit_code == 2 and "--workers with --engine ray" in r.output, r.output

@@ -202,13 +202,11 @@ def test_same_masks_and_model_for_any_batch_size_and_workers(tmp_path):
 def test_ctrl_c_stops_the_decode_workers_and_the_run_resumes(tmp_path):
     """Ctrl-C while decode workers run ahead: exit 130 within seconds, then the same command finishes, keeping
     every feature file written before the interrupt."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from tests.checkpoints import checkpoint_file
+    from tests.processes import ROOT, interrupt, segcli_process, wait_until
     from tests.test_cli_backbone import feature_files, scene
 
     images = tmp_path / "images"
@@ -219,31 +217,14 @@ def test_ctrl_c_stops_the_decode_workers_and_the_run_resumes(tmp_path):
     args = ["cluster-dataset", images, "--shard", "1/1", "--weights", checkpoint_file(TINY, "timm"), "--cache", cache,
             "--short-side", "224", "--max-side", "448", "--batch-size", "2", "--decode-workers", "2",
             "--device", "cpu", "--quiet"]
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "segcli", *map(str, args)], cwd=root, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        t0 = time.time()
-        while len(feature_files(cache)) < 2:
-            if proc.poll() is not None:
-                pytest.fail("the run ended before it could be interrupted: " + proc.stderr.read().decode())
-            if time.time() - t0 > 150:
-                pytest.fail("no feature files appeared")
-            time.sleep(0.005)
-        t_sig = time.time()
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
-        assert time.time() - t_sig < 10
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    assert proc.returncode == 130, err
+    with segcli_process(args) as proc:
+        wait_until(proc, lambda: len(feature_files(cache)) >= 2, "feature files", 150)
+        code, err, seconds = interrupt(proc)
+    assert seconds < 10
+    assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err
     before = {p: p.stat().st_mtime_ns for p in feature_files(cache)}
-    rerun = subprocess.run([sys.executable, "-m", "segcli", *map(str, args)], cwd=root, capture_output=True)
+    rerun = subprocess.run([sys.executable, "-m", "segcli", *map(str, args)], cwd=ROOT, capture_output=True)
     assert rerun.returncode == 0, rerun.stderr
     assert len(feature_files(cache)) == 40
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items()), "finished features were redone"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoints import TINY, checkpoint_file
+from tests.processes import interrupt, segcli_process, wait_until
 from tests.test_cli_backbone import scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,41 +85,21 @@ def fitted(tmp_path_factory) -> tuple[Path, Path]:
     return images, model
 
 
-def start(args: list, cache_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "segcli", *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-
-
 def wait_for_masks(proc: subprocess.Popen, out: Path, n: int) -> None:
-    t0 = time.time()
-    while len(list(out.glob("*.png"))) < n:
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be interrupted: " + proc.stderr.read().decode())
-        if time.time() - t0 > 300:
-            pytest.fail("no masks appeared")
-        time.sleep(0.01)
+    wait_until(proc, lambda: len(list(out.glob("*.png"))) >= n, "masks", 300)
 
 
 def test_ctrl_c_stops_every_worker_and_the_run_resumes(fitted, tmp_path):
     images, model = fitted
     out = tmp_path / "masks"
     args = ["segment", images, "--model", model, "--out", out, "--workers", "2", *common(tmp_path / "cache")]
-    proc = start(args, tmp_path)
-    try:
+    with segcli_process(args) as proc:
         wait_for_masks(proc, out, 3)
         kids = children(proc.pid)
         assert len(kids) >= 2, "the workers run in processes of their own"
-        t_sig = time.time()
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-        proc.wait(timeout=30)
-        assert time.time() - t_sig < 10
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    assert proc.returncode == 130, err
+        code, err, seconds = interrupt(proc)  # SIGINT to the whole process group, as Ctrl-C
+    assert seconds < 10
+    assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err, err
     assert wait_gone(kids, 5) == set(), "orphan worker processes"
     before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
@@ -134,18 +115,11 @@ def test_a_killed_run_leaves_no_worker_and_resumes(fitted, tmp_path):
     images, model = fitted
     out = tmp_path / "masks"
     args = ["segment", images, "--model", model, "--out", out, "--workers", "2", *common(tmp_path / "cache")]
-    proc = start(args, tmp_path)
-    try:
+    with segcli_process(args) as proc:
         wait_for_masks(proc, out, 3)
         kids = children(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)  # the main process only: its workers must notice and exit
-        proc.wait(timeout=30)
+        interrupt(proc, signal.SIGKILL, group=False)  # the main process only: its workers must notice and exit
         assert wait_gone(kids, 10) == set(), "workers outlived their killed main process"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        proc.stderr.close()
     rerun = segcli(*args)
     assert rerun.returncode == 0, rerun.stderr.decode()
     reference = images.parent / "reference"
