@@ -113,16 +113,17 @@ def _image_level(model: SegModel, fs: list[ImageFeatures], X: torch.Tensor, vali
         return out
     idx = torch.tensor([i for i, _ in batched], device=X.device)
     C0 = torch.from_numpy(np.stack([c for _, c in batched])).to(X.device)
-    C = _lloyd_batch(X[idx], valid[idx], C0)
+    Xb = X[idx]  # the batch's images with a k-means of their own (one gather, used three times)
+    C = _lloyd_batch(Xb, valid[idx], C0)
     C_host = C.cpu().numpy()
     # KMeans.fit's canonical order (size descending, then coordinates), then the final float64 assignment.
-    first = _assign(X[idx], C)
+    first = _assign(Xb, C)
     ordered = np.empty_like(C_host)
     for j, (i, _) in enumerate(batched):
         lab = first[j, : counts[i]].cpu().numpy()
         cnt = np.bincount(lab, minlength=k)
         ordered[j] = C_host[j][np.lexsort(tuple(C_host[j].T[::-1]) + (-cnt,))]
-    labels = _assign(X[idx], torch.from_numpy(ordered).to(X.device)).cpu().numpy()
+    labels = _assign(Xb, torch.from_numpy(ordered).to(X.device)).cpu().numpy()
     for j, (i, _) in enumerate(batched):
         if len(_first_distinct_rows(C_host[j] + 0.0)) < k:  # merged centres: assign_nearest's tie rule, per image
             out[i] = image_clusters(model, fs[i])

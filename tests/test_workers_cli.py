@@ -89,10 +89,20 @@ def wait_for_masks(proc: subprocess.Popen, out: Path, n: int) -> None:
     wait_until(proc, lambda: len(list(out.glob("*.png"))) >= n, "masks", 300)
 
 
-def test_ctrl_c_stops_every_worker_and_the_run_resumes(fitted, tmp_path):
+def pool_run(fitted, tmp_path: Path) -> tuple[Path, list]:
+    """(output folder, arguments) of a `segment --workers 2` run over the 30 images with the fitted model."""
     images, model = fitted
     out = tmp_path / "masks"
-    args = ["segment", images, "--model", model, "--out", out, "--workers", "2", *common(tmp_path / "cache")]
+    return out, ["segment", images, "--model", model, "--out", out, "--workers", "2", *common(tmp_path / "cache")]
+
+
+def reference_masks(images: Path) -> dict[str, bytes]:
+    """The masks of the --workers 0 reference run, by file name."""
+    return {p.name: p.read_bytes() for p in (images.parent / "reference").glob("*.png")}
+
+
+def test_ctrl_c_stops_every_worker_and_the_run_resumes(fitted, tmp_path):
+    out, args = pool_run(fitted, tmp_path)
     with segcli_process(args) as proc:
         wait_for_masks(proc, out, 3)
         kids = children(proc.pid)
@@ -107,14 +117,11 @@ def test_ctrl_c_stops_every_worker_and_the_run_resumes(fitted, tmp_path):
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert len(list(out.glob("*.png"))) == 30
     assert all(p.stat().st_mtime_ns == m for p, m in before.items()), "finished masks were redone"
-    reference = images.parent / "reference"
-    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == {p.name: p.read_bytes() for p in reference.glob("*.png")}
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == reference_masks(fitted[0])
 
 
 def test_a_killed_run_leaves_no_worker_and_resumes(fitted, tmp_path):
-    images, model = fitted
-    out = tmp_path / "masks"
-    args = ["segment", images, "--model", model, "--out", out, "--workers", "2", *common(tmp_path / "cache")]
+    out, args = pool_run(fitted, tmp_path)
     with segcli_process(args) as proc:
         wait_for_masks(proc, out, 3)
         kids = children(proc.pid)
@@ -122,8 +129,7 @@ def test_a_killed_run_leaves_no_worker_and_resumes(fitted, tmp_path):
         assert wait_gone(kids, 10) == set(), "workers outlived their killed main process"
     rerun = segcli(*args)
     assert rerun.returncode == 0, rerun.stderr.decode()
-    reference = images.parent / "reference"
-    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == {p.name: p.read_bytes() for p in reference.glob("*.png")}
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == reference_masks(fitted[0])
 
 
 def test_a_worker_that_dies_on_one_image_skips_only_that_image(fitted, tmp_path):
@@ -134,7 +140,7 @@ def test_a_worker_that_dies_on_one_image_skips_only_that_image(fitted, tmp_path)
     err = r.stderr.decode()
     assert r.returncode == 4, err
     assert "s07" in err and "died" in err and "Traceback" not in err, err
-    reference = {p.name: p.read_bytes() for p in (images.parent / "reference").glob("*.png")}
+    reference = reference_masks(images)
     del reference["s07.png"]
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == reference
     # the next run (no crash) does the missing image and keeps the others
