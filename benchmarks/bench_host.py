@@ -39,16 +39,16 @@ def main() -> None:
     if not args.images.is_dir():
         sys.exit(f"bench_host: no images at {args.images} (give --images and --masks)")
 
-    import segcli.compat  # noqa: F401
+    import segcli.vit.compat  # noqa: F401
     from PIL import Image
 
-    from segcli.cache import EntryStore, FeatureCache, ImageFeatures
+    from segcli.io.cache import EntryStore, FeatureCache, ImageFeatures
     from segcli.config import SegmentConfig
-    from segcli.foreground import border_grid, label_clusters, normalised_attention
-    from segcli.images import content_digest, discover_images, load_image
-    from segcli.outputs import save_label_png
-    from segcli.regions import find_regions, regions_on_grid
-    from segcli.steps import REGION_SPECS, check_region_bundle, resize_labels
+    from segcli.method.foreground import border_grid, label_clusters, normalised_attention
+    from segcli.io.images import content_digest, discover_images, load_image
+    from segcli.io.outputs import save_label_png
+    from segcli.method.regions import find_regions, regions_on_grid
+    from segcli.method.steps import REGION_SPECS, check_region_bundle, resize_labels
 
     cfg = SegmentConfig()
     items = discover_images(args.images)

@@ -22,7 +22,7 @@ backbone, with a documented generator (``tests/synthetic.py: features_from_label
 
 It then scores, with ``segcli.evaluate`` (dataset-level Hungarian mIoU at full ground-truth resolution):
 
-- ``kmeans-floor``: plain k-means (segcli.kmeans.KMeans, seed 0, fitted on at most 100 000 patches) of every
+- ``kmeans-floor``: plain k-means (segcli.method.kmeans.KMeans, seed 0, fitted on at most 100 000 patches) of every
   patch feature of the dataset into k = number of classes, each patch's cluster upsampled (nearest) to the
   image: the "k-means on frozen features" baseline of the literature;
 - ``segcli``: ``python -m segcli segment IMAGES --features DIR`` with its default settings for the dataset:
@@ -64,7 +64,7 @@ def build_features(items, preset, feat_dir: Path, args) -> dict[str, tuple[int, 
     import numpy as np
     from PIL import Image
 
-    from segcli.backbone import target_size
+    from segcli.vit.backbone import target_size
     from tests.synthetic import class_embeddings, features_from_labels, fill_ignored
 
     C = preset.num_classes
@@ -89,9 +89,9 @@ def kmeans_floor(items, sizes, preset, feat_dir: Path, out: Path, seed: int) -> 
     """Label PNGs of plain k-means (k = number of classes) over all patch features of the dataset."""
     import numpy as np
 
-    from segcli.cache import load_features
-    from segcli.kmeans import KMeans, assign_nearest
-    from segcli.outputs import save_label_png
+    from segcli.io.cache import load_features
+    from segcli.method.kmeans import KMeans, assign_nearest
+    from segcli.io.outputs import save_label_png
     from segcli.pipeline import resize_labels
 
     feats = {key: load_features(feat_dir / f"{key}.npz").feats for key, _, _ in items}

@@ -26,7 +26,7 @@ def random_checkpoint(name: str, folder: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from segcli.compat import import_timm
+    from segcli.vit.compat import import_timm
 
     timm = import_timm()
     torch.manual_seed(0)
@@ -54,12 +54,12 @@ def main() -> None:
 
     import torch
 
-    from segcli.backbone import load_backbone
+    from segcli.vit.backbone import load_backbone
     from segcli.config import SegmentConfig
-    from segcli.features_source import FeatureSource
-    from segcli.images import discover_images, load_image
+    from segcli.engines.feature_source import FeatureSource
+    from segcli.io.images import discover_images, load_image
     from segcli.pipeline import Segmenter
-    from segcli.report import Timings
+    from segcli.timings import Timings
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -36,12 +36,12 @@ def main() -> None:
     args = ap.parse_args()
 
 
-    import segcli.compat  # noqa: F401
+    import segcli.vit.compat  # noqa: F401
     from bench_pipeline import random_checkpoint
-    from segcli.backbone import resolve_precision, select_device
+    from segcli.vit.backbone import resolve_precision, select_device
     from segcli.config import SegmentConfig
-    from segcli.images import discover_images
-    from segcli.outputs import read_label_png
+    from segcli.io.images import discover_images
+    from segcli.io.outputs import read_label_png
     from segcli.pipeline import Segmenter
 
     items = discover_images(args.images)

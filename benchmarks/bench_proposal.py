@@ -3,7 +3,7 @@
     python benchmarks/bench_proposal.py [--images DIR] [--short-side 448] [--repeats 3] [--weights FILE]
 
 For every image: Backbone.extract (one forward pass, q/k/v rebuilt, CLS attention, the proposal) and, on the
-same captured queries and keys, the proposal alone (segcli.proposal.object_proposals). Each is timed
+same captured queries and keys, the proposal alone (segcli.method.proposal.object_proposals). Each is timed
 --repeats times and the fastest kept. Prints a table and writes benchmarks/results/proposal_<device>.json.
 Without --weights a random-weight checkpoint is used (no downloads here): the timings are those of the
 real code and shapes; the proposal's area depends on the weights and means nothing with random ones.
@@ -47,10 +47,10 @@ def main() -> None:
     import torch
 
     from bench_pipeline import random_checkpoint
-    from segcli.backbone import load_backbone
-    from segcli.features import capture_qkv, split_qkv
-    from segcli.images import discover_images, load_image
-    from segcli.proposal import object_proposals
+    from segcli.vit.backbone import load_backbone
+    from segcli.vit.features import capture_qkv, split_qkv
+    from segcli.io.images import discover_images, load_image
+    from segcli.method.proposal import object_proposals
 
     load = os.getloadavg()[0]
     items = discover_images(args.images, None)

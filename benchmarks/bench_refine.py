@@ -45,13 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from segcli.backbone import target_size  # noqa: E402
+from segcli.vit.backbone import target_size  # noqa: E402
 from segcli.config import SegmentConfig  # noqa: E402
-from segcli.crf import CRFParams, crf_available, refine_foreground_scaled  # noqa: E402
-from segcli.foreground import fuse  # noqa: E402
-from segcli.images import load_image  # noqa: E402
+from segcli.method.crf import CRFParams, crf_available, refine_foreground_scaled  # noqa: E402
+from segcli.method.foreground import fuse  # noqa: E402
+from segcli.io.images import load_image  # noqa: E402
 from segcli.pipeline import resize_labels, upsample  # noqa: E402
-from segcli.refine import RefineParams, refine_foreground_torch, refine_mask  # noqa: E402
+from segcli.method.refine import RefineParams, refine_foreground_torch, refine_mask  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"

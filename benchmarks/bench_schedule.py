@@ -93,7 +93,7 @@ class SimulatedDevice:
         import torch
         import torch.nn.functional as F
 
-        from segcli.features import FeatureBatch
+        from segcli.vit.features import FeatureBatch
 
         t0 = time.perf_counter()
         p = self.backbone.patch_size
@@ -177,10 +177,10 @@ def main() -> None:
 
     import torch
 
-    import segcli.compat  # noqa: F401  (timm import workaround)
-    from segcli.backbone import load_backbone
+    import segcli.vit.compat  # noqa: F401  (timm import workaround)
+    from segcli.vit.backbone import load_backbone
     from segcli.config import SegmentConfig
-    from segcli.images import discover_images
+    from segcli.io.images import discover_images
     from bench_pipeline import random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,8 +221,8 @@ def main() -> None:
 
 def features_stage(args, cfg, backbone, items, tmp: Path, repeat: int) -> dict[str, dict]:
     """The feature stage alone: the old schedule and FeatureSource.features with each --decode-workers."""
-    from segcli.features_source import FeatureSource
-    from segcli.report import Timings
+    from segcli.engines.feature_source import FeatureSource
+    from segcli.timings import Timings
 
     runs = [("old", 0)] + [(str(w), w) for w in args.workers]
     results: dict[str, dict] = {}
@@ -296,9 +296,9 @@ def segment_stage(args, cfg, backbone, items, tmp: Path, repeat: int) -> dict[st
     are left out; they are paid once per run and reported as ``first_mask_s``), and the whole run's rate on
     the real backbone; ``whole_images_per_s`` always counts the whole run.
     """
-    from segcli.features_source import FeatureSource
+    from segcli.engines.feature_source import FeatureSource
     from segcli.pipeline import Segmenter
-    from segcli.report import Timings
+    from segcli.timings import Timings
 
     simulated = args.simulate_device is not None
     fit_src = FeatureSource(cfg, backbone=backbone, cache_dir=tmp / "cache-fit", batch_size=args.batch_size)

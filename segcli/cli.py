@@ -20,7 +20,7 @@ import typer
 from segcli import __version__
 from segcli.config import DEFAULT_BACKBONE, SegmentConfig
 from segcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_SKIPPED, SegcliError
-from segcli.storage import parse_option
+from segcli.io.storage import parse_option
 from segcli.evaluate.command import evaluate_command
 
 app = typer.Typer(
@@ -185,13 +185,13 @@ _CONFIG_OPTIONS = {
 
 def _config(options: dict) -> SegmentConfig:
     """The SegmentConfig of a command's parsed options."""
-    from segcli.backbone import resolve_backbone_name
+    from segcli.vit.backbone import resolve_backbone_name
 
     kw = {field: options[name] for name, field in _CONFIG_OPTIONS.items()}
     from_file = False
     if options.get("weights") is not None and options.get("features") is None and (kw["backbone"] is None or kw["feature_kind"] is None):
         # The file says what it is: its architecture and its system's own default feature.
-        from segcli.checkpoints import open_checkpoint
+        from segcli.vit.checkpoints import open_checkpoint
         from segcli.errors import ModelError
 
         ck = open_checkpoint(options["weights"], keep=True)  # load_backbone takes it from there
@@ -256,9 +256,9 @@ def _check_engine_options(opts: dict) -> None:
 def _protect_inputs(source: Path, items: list, opts: dict, folders: dict, model_in: Path | None = None,
                     model_out: Path | None = None) -> None:
     """Refuse outputs (and the cache) that are, contain or lie inside an input (see check_apart_from_inputs)."""
-    from segcli import storage
-    from segcli.features_source import default_cache_dir
-    from segcli.outputs import check_apart_from_inputs
+    from segcli.io import storage
+    from segcli.engines.feature_source import default_cache_dir
+    from segcli.io.outputs import check_apart_from_inputs
 
     is_dir = storage.is_dir(source)
     dirs = [source] if is_dir else []
@@ -273,7 +273,7 @@ def _protect_inputs(source: Path, items: list, opts: dict, folders: dict, model_
 def _check_remote_outputs(*folders) -> None:
     """Object-store folders written only at the end of a run (overlays, the model file's prefix): a missing
     bucket or missing credentials stop the run before any work, not after the fit."""
-    from segcli import storage
+    from segcli.io import storage
 
     for folder in folders:
         if storage.is_remote(folder):
@@ -293,7 +293,7 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
                   batch_size=opts["batch_size"], decode_workers=opts["decode_workers"], compile=opts["compile"],
                   feature_cache=opts["feature_cache"])
     if opts["engine"] == "ray":
-        from segcli.engines.ray import RaySegmenter
+        from segcli.ray_segmenter import RaySegmenter
 
         return RaySegmenter(config, ray_options=_ray_options(opts), threads=opts["threads"], **kwargs)
     return Segmenter(config, workers=opts["workers"], device_path=opts["device_path"], **kwargs)
@@ -340,9 +340,9 @@ def segment(
     **opts,
 ) -> None:
     """Write one label PNG per image: 0 = background, 1..k-1 = classes (with --stuff N: 0..N-1 stuff, N..k-1 things)."""
-    from segcli.images import discover_images
-    from segcli.model_file import SegModel
-    from segcli.outputs import prepare_output_dir
+    from segcli.io.images import discover_images
+    from segcli.method.model import SegModel
+    from segcli.io.outputs import prepare_output_dir
     from segcli.report import RichReporter
 
     started = time.perf_counter()
@@ -356,7 +356,7 @@ def segment(
     if model is not None:
         fitted = SegModel.load(model)
         if opts["backbone"] is not None:
-            from segcli.backbone import resolve_backbone_name
+            from segcli.vit.backbone import resolve_backbone_name
             from segcli.errors import ModelError
 
             if resolve_backbone_name(opts["backbone"]) != fitted.config.backbone:
@@ -382,7 +382,7 @@ def cluster_dataset(
 ) -> None:
     """Fit the dataset-level model (the 'fit' of fit/predict) and save it for `segment --model`."""
     from segcli.errors import UsageError
-    from segcli.images import discover_images
+    from segcli.io.images import discover_images
     from segcli.report import RichReporter
 
     started = time.perf_counter()
@@ -397,7 +397,7 @@ def cluster_dataset(
     _protect_inputs(dataset, items, opts, {"--masks": masks}, model_out=out)
     _check_remote_outputs(opts["overlay"], None if out is None else out.parent)
     if masks is not None:
-        from segcli.outputs import prepare_output_dir
+        from segcli.io.outputs import prepare_output_dir
 
         prepare_output_dir(masks)
     with _engine_session(opts):
@@ -422,7 +422,7 @@ def _cluster_dataset(config: SegmentConfig, reporter, opts: dict, items: list, p
         return
     seg.fit(items)
     if out is not None:
-        from segcli import storage
+        from segcli.io import storage
 
         path = seg.model_.save(out)
         console.print(f"cluster-dataset: model fitted on {len(items) - len(seg.skipped)} images saved to {path} "

@@ -55,7 +55,7 @@ class SegmentConfig:
     proposal_heads: int = 5
     # Refinement (DESIGN 2.7).
     crf: bool = True
-    # Which refiner (segcli.refine.REFINE_METHODS): the exact dense CRF (pydensecrf) at crf_max_side, or the
+    # Which refiner (segcli.method.refine.REFINE_METHODS): the exact dense CRF (pydensecrf) at crf_max_side, or the
     # coarse-to-fine torch mean-field (GPU when the run has one); crf=False (--no-crf) means "none".
     refine: str = "meanfield"
     crf_iterations: int = 10

@@ -16,19 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli import steps, storage
-from segcli.cache import CACHE_LAYOUT, EntryStore, ImageFeatures
+from segcli.method import steps
+from segcli.io import storage
+from segcli.io.cache import CACHE_LAYOUT, EntryStore, ImageFeatures
 from segcli.config import REGION_FIELDS, SegmentConfig
 from segcli.engines.local import LocalEngine
 from segcli.errors import BadImageError, InputError, ModelError, UsageError
-from segcli.features_source import FeatureSource
-from segcli.foreground import LevelModel, fit_level
-from segcli.images import ImageItem
-from segcli.kmeans import KMeans, cluster_embeddings
-from segcli.model_file import SegModel
-from segcli.report import Reporter, Timings
-from segcli.steps import REGION_SPECS, resize_labels, upsample  # noqa: F401  (re-exported: long-standing names)
-from segcli.stuff import fit_stuff
+from segcli.engines.feature_source import FeatureSource
+from segcli.method.foreground import LevelModel, fit_level
+from segcli.io.images import ImageItem
+from segcli.method.kmeans import KMeans, cluster_embeddings
+from segcli.method.model import SegModel
+from segcli.report import Reporter
+from segcli.timings import Timings
+from segcli.method.steps import REGION_SPECS, resize_labels, upsample  # noqa: F401  (re-exported: long-standing names)
+from segcli.method.stuff import fit_stuff
 
 MANIFEST = ".segcli-run.json"
 # A category with fewer sampled patches than this uses the dataset-level centroids instead of its own.
@@ -92,7 +94,7 @@ class Segmenter:
         forward already uses every core, and the pool's processes would take cores from it (measured: 1.13x the
         in-process run's time with one worker on 2 cores); the pool pays off when a GPU runs the forward or with
         ``--features``, where the host steps are all the work."""
-        from segcli.workers import default_workers
+        from segcli.engines.pool import default_workers
 
         bb = self.source.backbone
         if bb is not None and getattr(getattr(bb, "device", None), "type", "cpu") == "cpu":
@@ -192,7 +194,7 @@ class Segmenter:
 
     def _fit_samples(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[dict[str, np.ndarray]]]:
         """The usable items and, in their order, each one's share of the level fits' sample
-        (:func:`segcli.steps.fit_sample`, seeded by the image's index in ``items``)."""
+        (:func:`segcli.method.steps.fit_sample`, seeded by the image's index in ``items``)."""
         quota = steps.fit_quota(self.config.max_samples, len(items))
         index = {item.key: i for i, item in enumerate(items)}
         used, samples = [], []
@@ -223,7 +225,7 @@ class Segmenter:
     def _sample_patches(self, items: list[ImageItem], description: str, foreground: bool, stream: int) -> list[np.ndarray]:
         """A bounded, seeded sample of the foreground (or background) patch features of every image: at most
         max_samples / #images per image, drawn with the random stream ``stream`` (one per fit) of the image's
-        index in ``items`` (:func:`segcli.steps.patch_sample`), in the items' order."""
+        index in ``items`` (:func:`segcli.method.steps.patch_sample`), in the items' order."""
         cfg = self.config
         quota = steps.fit_quota(cfg.max_samples, len(items))
         index = {item.key: i for i, item in enumerate(items)}
@@ -270,7 +272,7 @@ class Segmenter:
 
     def _fit_parts(self, items: list[ImageItem]) -> None:
         """Over-cluster foreground patches into parts, then merge parts by community detection."""
-        from segcli.parts import merge_parts
+        from segcli.method.parts import merge_parts
 
         cfg = self.config
         sample = self._sample_patches(items, "regions", foreground=True, stream=2)
@@ -409,7 +411,7 @@ class Segmenter:
     def predict(self, items: list[ImageItem], out_dir: str | Path, overlay_dir: str | Path | None = None,
                 resume: bool = True) -> RunSummary:
         """Write one label PNG per image (and optionally an overlay); finished files are kept on rerun."""
-        from segcli.outputs import is_complete_png, output_path, prepare_output_dir, remove_stale_temporaries
+        from segcli.io.outputs import is_complete_png, output_path, prepare_output_dir, remove_stale_temporaries
 
         if self.model_ is None:
             raise UsageError("predict() needs a fitted model: call fit() first or pass model=")
@@ -438,7 +440,7 @@ class Segmenter:
         return summary
 
     def _write_masks(self, todo: list[ImageItem], out: Path, ov: Path | None) -> int:
-        """Label and write these images (:func:`segcli.steps.mask_step`); the number written."""
+        """Label and write these images (:func:`segcli.method.steps.mask_step`); the number written."""
         written = 0
         need = steps.needs_features(self.model_)
         results = self._results(todo, "masks", need_features=need)
@@ -461,7 +463,7 @@ class Segmenter:
 
     def _resumable(self, out: Path, resume: bool) -> bool:
         """True when out/ holds results of this very model (so finished PNGs can be kept)."""
-        from segcli.outputs import atomic_write
+        from segcli.io.outputs import atomic_write
 
         stamp = {"model": self.model_.digest()}
         path = out / MANIFEST

@@ -44,7 +44,7 @@ def random_state_dict(name: str = SMALL, seed: int = 0) -> dict[str, torch.Tenso
 
 @functools.lru_cache(maxsize=8)
 def _random_state_dict(name: str, seed: int) -> dict[str, torch.Tensor]:
-    from segcli.backbone import _build_model, resolve_backbone_name
+    from segcli.vit.backbone import _build_model, resolve_backbone_name
 
     model = _build_model(resolve_backbone_name(name))  # meta device: shapes only
     g = torch.Generator().manual_seed(seed)
@@ -153,7 +153,7 @@ def checkpoint_file(name: str = SMALL, layout: str = "timm", seed: int = 0) -> P
 
 @functools.lru_cache(maxsize=None)
 def random_backbone(name: str = SMALL, seed: int = 0, device: str = "cpu", precision: str = "fp32"):
-    """A loaded :class:`segcli.backbone.Backbone` with random weights (cached per process: do not modify)."""
-    from segcli.backbone import load_backbone
+    """A loaded :class:`segcli.vit.backbone.Backbone` with random weights (cached per process: do not modify)."""
+    from segcli.vit.backbone import load_backbone
 
     return load_backbone(name, weights=checkpoint_file(name, "timm", seed), device=device, precision=precision)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from segcli.backbone import (
+from segcli.vit.backbone import (
     ALIASES,
     DEFAULT_BACKBONE,
     Backbone,
@@ -19,7 +19,7 @@ from segcli.backbone import (
     select_device,
     target_size,
 )
-from segcli.compat import import_timm
+from segcli.vit.compat import import_timm
 from segcli.errors import ModelError, UsageError
 from tests.checkpoints import LAYOUTS, SMALL, TINY, checkpoint_file, random_backbone, random_state_dict, save_checkpoint
 
@@ -286,7 +286,7 @@ def empty_hf_cache(tmp_path, monkeypatch):
 
 
 def test_offline_pretrained_fails_fast_with_instructions(empty_hf_cache, monkeypatch):
-    import segcli.backbone as backbone_mod
+    import segcli.vit.backbone as backbone_mod
 
     monkeypatch.setattr(backbone_mod, "_hub_reachable", lambda timeout=5.0: False)
     t0 = time.monotonic()
@@ -318,7 +318,7 @@ def test_hf_hub_offline_env_is_respected(empty_hf_cache, monkeypatch):
 
 
 def test_pretrained_weights_come_from_the_cache_without_network(empty_hf_cache, monkeypatch):
-    import segcli.backbone as backbone_mod
+    import segcli.vit.backbone as backbone_mod
     from safetensors.torch import save_file
 
     def no_network(timeout=5.0):  # the cached copy must be found before any request

@@ -1,4 +1,4 @@
-"""The batched, device-resident foreground step equals the per-image step (segcli.batched vs segcli.steps).
+"""The batched, device-resident foreground step equals the per-image step (segcli.method.batched vs segcli.method.steps).
 
 Run on the CPU (the same tensor code runs on a GPU): a fitted model, images of different patch grids in one
 batch, clean and noisy features, the three priors; and the device crops against the host crops.
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from segcli import steps
-from segcli.batched import crop_batch, foreground_batch
+from segcli.method import steps
+from segcli.method.batched import foreground_batch
+from segcli.method.regions import crop_batch
 from segcli.config import SegmentConfig
-from segcli.images import discover_images
+from segcli.io.images import discover_images
 from segcli.pipeline import Segmenter
 from tests.synthetic import make_dataset
 
@@ -62,7 +63,7 @@ def test_batched_foreground_special_cases_and_empty(tmp_path):
 
 
 def test_device_crops_match_the_host_crops():
-    from segcli.backbone import resize_normalise
+    from segcli.vit.backbone import resize_normalise
 
     rng = np.random.default_rng(0)
     rgb = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
@@ -94,7 +95,7 @@ def test_device_engine_gives_the_local_engines_masks(tmp_path, assign):
     per-image path: byte-identical masks with pooled embeddings; with crop embeddings the crops are resized by
     torch instead of PIL (a fraction of a grey level), so the embeddings differ in the last digits."""
     from segcli.engines.device import DeviceEngine
-    from segcli.outputs import read_label_png
+    from segcli.io.outputs import read_label_png
     from tests.checkpoints import TINY, checkpoint_file
 
     items = _scenes(tmp_path / "images")

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from segcli.outputs import read_label_png
+from segcli.io.outputs import read_label_png
 from tests.checkpoints import SMALL, checkpoint_file
 from tests.cli_helpers import cli, ok, pngs
 
@@ -77,7 +77,7 @@ def scene(w: int, h: int, seed: int) -> Image.Image:
 @pytest.fixture
 def calls(monkeypatch):
     """Counts backbone runs in this process: full-image forward passes and crop embeddings."""
-    from segcli.backbone import Backbone
+    from segcli.vit.backbone import Backbone
 
     counts = {"extract": 0, "extract_images": 0, "embed_crops": 0}
     extract, embed = Backbone.extract, Backbone.embed_crops
@@ -404,7 +404,7 @@ def test_image_without_regions_next_images_with_regions(tmp_path, monkeypatch, a
     """With random weights this happens with the default options on examples/ and voc-mini; here it is forced:
     the square astronaut (256x256 at --work-max-side 256) gets no region, every other image one whole-image
     region. Expected: exit 0, an all-background mask for the astronaut, classes elsewhere."""
-    import segcli.steps as steps
+    import segcli.method.steps as steps
 
     def forced_regions(fg, *args, **kwargs):
         fg = np.asarray(fg)

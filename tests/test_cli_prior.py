@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segcli.outputs import read_label_png
+from segcli.io.outputs import read_label_png
 from tests.checkpoints import SMALL, checkpoint_file
 from tests.synthetic import PATCH, make_dataset, matched_miou
 from tests.cli_helpers import cli, ok, pngs
@@ -92,7 +92,7 @@ def test_bad_prior_options(synthetic, tmp_path):
 
 @pytest.mark.parametrize("prior", ["levels", "maskdistill", "vote"])
 def test_model_file_round_trips_the_prior(synthetic, tmp_path, prior):
-    from segcli.model_file import SegModel
+    from segcli.method.model import SegModel
 
     root, gts, _ = synthetic
     common = ["--features", root / "features", "--k", 4, "--assign", "pooled", "--quiet"]
@@ -112,7 +112,7 @@ def test_model_file_round_trips_the_prior(synthetic, tmp_path, prior):
 
 def test_older_reader_refuses_a_vote_model(synthetic, tmp_path, monkeypatch):
     """An older segcli (format 1) would ignore the prior and silently use the three levels: it must refuse."""
-    import segcli.model_file as mf
+    import segcli.method.model as mf
     from segcli.errors import ModelError
 
     root, _, _ = synthetic
@@ -127,7 +127,7 @@ def test_older_reader_refuses_a_vote_model(synthetic, tmp_path, monkeypatch):
 # ------------------------------------------------------------------ real images, random-weight backbone
 @pytest.fixture
 def extract_calls(monkeypatch):
-    from segcli.backbone import Backbone
+    from segcli.vit.backbone import Backbone
 
     counts = {"images": 0}
     extract = Backbone.extract

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_cli_import_is_light():
     code = ("import sys, segcli.cli; heavy = [m for m in ('torch', 'timm', 'numpy', 'scipy', 'sklearn', 'PIL', "
-            "'segcli.pipeline', 'segcli.backbone', 'fsspec', 's3fs', 'gcsfs', 'botocore', 'ray') if m in sys.modules]; print(','.join(heavy))")
+            "'segcli.pipeline', 'segcli.vit.backbone', 'fsspec', 's3fs', 'gcsfs', 'botocore', 'ray') if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"imported at start-up: {out}"
 

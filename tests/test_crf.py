@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import segcli.crf as crf_mod
-from segcli.crf import CRFParams, CRFUnavailableWarning, crf_available, refine_foreground
+import segcli.method.crf as crf_mod
+from segcli.method.crf import CRFParams, CRFUnavailableWarning, crf_available, refine_foreground
 
 needs_crf = pytest.mark.skipif(not crf_available(), reason="pydensecrf (pip install pydensecrf2) not installed")
 

@@ -22,7 +22,7 @@ from tests.ray_helpers import LoopbackCluster, assert_loopback, is_loopback
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
-from segcli.model_file import SegModel  # noqa: E402
+from segcli.method.model import SegModel  # noqa: E402
 from tests.checkpoints import TINY, checkpoint_file  # noqa: E402
 from tests.cli_helpers import cli, ok, pngs  # noqa: E402
 from tests.test_cli_backbone import feature_files, scene  # noqa: E402
@@ -134,9 +134,9 @@ def test_a_worker_killed_mid_batch_is_retried(cluster, tmp_path):
     """Item 4: a backbone actor and a per-image task each die in the middle of a batch (their process exits);
     Ray restarts them, the batches run again, and the output is complete and equal to the local engine's."""
     from segcli.config import SegmentConfig
-    from segcli.engines.ray import RaySegmenter
+    from segcli.ray_segmenter import RaySegmenter
     from segcli.engines.ray_cluster import RayOptions
-    from segcli.images import discover_images
+    from segcli.io.images import discover_images
     from segcli.pipeline import Segmenter
 
     images = make_images(tmp_path / "images", 6, seed=900, bad=False)

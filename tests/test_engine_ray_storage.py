@@ -15,8 +15,8 @@ pytest.importorskip("ray")
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from segcli import storage  # noqa: E402
-from segcli.storage import ObjectPath  # noqa: E402
+from segcli.io import storage  # noqa: E402
+from segcli.io.storage import ObjectPath  # noqa: E402
 from tests.cli_helpers import cli, ok, pngs  # noqa: E402
 from tests.ray_helpers import LoopbackCluster, assert_loopback  # noqa: E402
 from tests.test_storage import dataset, method_args, objects, s3_server  # noqa: E402,F401  (fixtures)
@@ -51,7 +51,7 @@ def s3_and_ray(s3_server):  # noqa: F811
 def test_ray_engine_reads_and_writes_a_bucket_like_the_local_engine(s3_and_ray, dataset, tmp_path):  # noqa: F811
     """Inputs, --cache, --out (model), --masks and --overlay on S3 with --engine ray: the model and the masks of
     the local engine on local files, byte for byte; a rerun keeps the finished masks; no temporary object."""
-    from segcli.model_file import SegModel
+    from segcli.method.model import SegModel
 
     fs, ray = s3_and_ray
     fs.put(str(dataset), "bkt/rimages", recursive=True)

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segcli.backbone import Backbone, FeatureBatch
+from segcli.vit.backbone import Backbone, FeatureBatch
 from segcli.errors import UsageError
-from segcli.features import extract_features
+from segcli.vit.features import extract_features
 from tests.checkpoints import SMALL, TINY, checkpoint_file, random_backbone
 
 REG = "vit_small_patch14_reg4_dinov2.lvd142m"
@@ -25,7 +25,7 @@ def rgb():
 
 def by_hand(bb: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Keys/queries/values from the last block's norm1 input and qkv weights, the model's own (unfused)
-    attention matrix, and forward_features: nothing shared with segcli.features."""
+    attention matrix, and forward_features: nothing shared with segcli.vit.features."""
     model = bb.model
     block = model.blocks[-1]
     attn_mod = block.attn
@@ -150,7 +150,7 @@ def test_embed_crops_shapes_normalisation_and_batching(rgb):
     # the CLS token of the crop resized to size x size, normalised
     x = bb.prepare(rgb, short_side=32)  # 90x120 -> 32x48: not what embed_crops sees
     assert tuple(x.shape[1:]) != (32, 32)
-    from segcli.backbone import resize_normalise
+    from segcli.vit.backbone import resize_normalise
 
     sq = resize_normalise(rgb, 32, 32, bb.mean, bb.std)[None]
     np.testing.assert_allclose(emb[0], F.normalize(bb.extract(sq).cls, dim=-1)[0].numpy(), atol=1e-5)
@@ -161,7 +161,7 @@ def test_embed_crops_shapes_normalisation_and_batching(rgb):
 
 def test_features_differ_between_weights(rgb):
     a = random_backbone(TINY, seed=0)
-    from segcli.backbone import load_backbone
+    from segcli.vit.backbone import load_backbone
 
     other = load_backbone(TINY, weights=checkpoint_file(TINY, "timm", 1), device="cpu")
     fa = extract_features(a, rgb, short_side=32)
@@ -171,7 +171,7 @@ def test_features_differ_between_weights(rgb):
 
 def test_q_and_k_norms_are_applied(rgb):
     """Models with qk_norm (none of the DINO ones) normalise q and k per head before attention."""
-    from segcli.compat import import_timm
+    from segcli.vit.compat import import_timm
 
     timm = import_timm()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Discovery and reading of input images (segcli.images). Every test builds its own inputs in tmp_path."""
+"""Discovery and reading of input images (segcli.io.images). Every test builds its own inputs in tmp_path."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from segcli.errors import BadImageError, InputError
-from segcli.images import (
+from segcli.io.images import (
     IMAGE_EXTENSIONS,
     ImageItem,
     LoadedImage,
@@ -567,7 +567,7 @@ def test_huge_jpeg_process_memory(huge_jpeg):
         """
         import sys
         import numpy, PIL.Image
-        from segcli.images import load_image
+        from segcli.io.images import load_image
 
         def hwm_kb():
             for line in open("/proc/self/status"):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-import segcli.kmeans as km_mod
-from segcli.kmeans import KMeans, assign_nearest, cluster_embeddings, faiss_available
+import segcli.method.kmeans as km_mod
+from segcli.method.kmeans import KMeans, assign_nearest, cluster_embeddings, faiss_available
 
 BACKENDS = ["numpy", "sklearn", "torch", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss not installed"))]
 

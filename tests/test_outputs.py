@@ -1,4 +1,4 @@
-"""Safe writing of results (segcli.outputs). Every test builds its own output folder in tmp_path."""
+"""Safe writing of results (segcli.io.outputs). Every test builds its own output folder in tmp_path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from segcli.errors import OutputError
-from segcli.outputs import (
+from segcli.io.outputs import (
     VOC_PALETTE,
     atomic_write,
     is_complete_png,

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from segcli.kmeans import KMeans
-from segcli.parts import merge_parts, normalised_weights, part_adjacency
+from segcli.method.kmeans import KMeans
+from segcli.method.parts import merge_parts, normalised_weights, part_adjacency
 
 # ------------------------------------------------------------------------------------------ synthetic data
 

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.outputs import read_label_png
+from segcli.io.outputs import read_label_png
 from tests.synthetic import make_dataset, matched_miou
 
 runner = CliRunner()

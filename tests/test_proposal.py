@@ -1,4 +1,4 @@
-"""MaskDistill's object proposal (segcli/proposal.py): synthetic queries/keys whose answer is known, a literal
+"""MaskDistill's object proposal (segcli/method/proposal.py): synthetic queries/keys whose answer is known, a literal
 re-statement of the upstream steps on random inputs, the extraction hook, the fusion vote and the file formats."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from segcli.cache import ImageFeatures, has_proposal, load_features, save_features
+from segcli.io.cache import ImageFeatures, has_proposal, load_features, save_features
 from segcli.errors import BadImageError
-from segcli.foreground import PROPOSAL_VOTE_WEIGHT, fuse, vote_threshold
-from segcli.proposal import (
+from segcli.method.foreground import PROPOSAL_VOTE_WEIGHT, fuse, vote_threshold
+from segcli.method.proposal import (
     object_proposal, object_proposals, proposal_candidates, rank_descending, seed_component, threshold_attention,
 )
 
@@ -247,7 +247,7 @@ def test_seed_component_is_4_connected():
 
 # ------------------------------------------------------------------ extraction
 def test_compute_features_stores_the_proposal_of_the_last_block():
-    from segcli.features import compute_features, split_qkv
+    from segcli.vit.features import compute_features, split_qkv
     from tests.checkpoints import random_backbone
 
     bb = random_backbone()
@@ -290,9 +290,9 @@ def test_feature_file_round_trip_and_validation(tmp_path):
 
 
 def test_cache_namespace_has_the_format_version_and_heads(tmp_path):
-    from segcli.cache import CACHE_FORMAT
+    from segcli.io.cache import CACHE_FORMAT
     from segcli.config import SegmentConfig
-    from segcli.features_source import FeatureSource
+    from segcli.engines.feature_source import FeatureSource
     from tests.checkpoints import random_backbone
 
     bb = random_backbone()
@@ -345,7 +345,7 @@ def test_backbone_without_cls_token_is_refused_for_the_proposal_priors(tmp_path)
 
     from segcli.config import SegmentConfig
     from segcli.errors import UsageError
-    from segcli.features_source import FeatureSource
+    from segcli.engines.feature_source import FeatureSource
 
     stub = SimpleNamespace(model=SimpleNamespace(cls_token=None), name="vit_small_patch16_reg4_gap_256",
                            precision="fp32", fingerprint=lambda: "stub")

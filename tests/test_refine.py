@@ -1,4 +1,4 @@
-"""Refiners (segcli.refine): shape recovery, agreement with the full-size dense CRF on real images, memory bounds."""
+"""Refiners (segcli.method.refine): shape recovery, agreement with the full-size dense CRF on real images, memory bounds."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import segcli.crf as crf_mod
-import segcli.refine as refine_mod
+import segcli.method.crf as crf_mod
+import segcli.method.refine as refine_mod
 from segcli.config import REFINE_METHODS, SegmentConfig
-from segcli.crf import crf_available
-from segcli.foreground import fuse
+from segcli.method.crf import crf_available
+from segcli.method.foreground import fuse
 from segcli.pipeline import upsample
-from segcli.refine import RefineFallbackWarning, refine_labels, refine_mask, refine_probs
+from segcli.method.refine import RefineFallbackWarning, refine_labels, refine_mask, refine_probs
 
 ROOT = Path(__file__).resolve().parents[1]
 VOC_MINI = ROOT.parent / "shared" / "data" / "voc-mini"
@@ -146,7 +146,7 @@ def test_cli_rejects_an_unknown_refiner(tmp_path):
 
 def test_refine_choice_is_saved_in_the_model_file(tmp_path):
     from segcli.cli import app
-    from segcli.model_file import SegModel
+    from segcli.method.model import SegModel
     from tests.synthetic import make_dataset
 
     make_dataset(tmp_path / "d", n_images=4)
@@ -172,7 +172,7 @@ def _bench():
 def test_meanfield_matches_the_full_size_dense_crf_on_voc_mini():
     """Issue #8's bound: within 0.5 IoU and 2 boundary-F points of densecrf-full on VOC noisy patch masks."""
     bench = _bench()
-    from segcli.crf import CRFParams, refine_foreground_scaled
+    from segcli.method.crf import CRFParams, refine_foreground_scaled
 
     chosen = {"densecrf-full": lambda rgb, p: refine_foreground_scaled(rgb, p, CRFParams(), 0),
               "meanfield": lambda rgb, p: refine_mask(rgb, p, "meanfield")}
@@ -187,7 +187,7 @@ def test_meanfield_matches_the_full_size_dense_crf_on_voc_mini():
 _MEMORY_CHILD = r"""
 import json, resource, sys
 import numpy as np
-from segcli.refine import refine_mask
+from segcli.method.refine import refine_mask
 h, w, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rng = np.random.default_rng(0)
 rgb = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)

@@ -124,7 +124,7 @@ def test_damaged_region_entries_are_recomputed(data, tmp_path, mode):
 
 def test_valid_looking_entry_with_other_shapes_is_not_used(data, tmp_path):
     """An entry whose digest is right for its key but whose arrays do not fit the run is still refused."""
-    from segcli.cache import DIGEST_ARRAY, entry_digest
+    from segcli.io.cache import DIGEST_ARRAY, entry_digest
 
     args = ["segment", data / "images", "--features", data / "features", *FEATURE_ARGS, "--cache", tmp_path / "c"]
     assert cli(*args, "--out", tmp_path / "ref").exit_code == 0
@@ -248,7 +248,7 @@ def test_intact_model_round_trips_through_the_validation(data, model, tmp_path):
 
 
 def test_expected_arrays_cover_every_saved_array(model):
-    from segcli.model_file import SegModel, expected_arrays
+    from segcli.method.model import SegModel, expected_arrays
 
     m = SegModel.load(model)
     specs, dims = expected_arrays(m.config, m.feature_dim)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segcli.outputs import is_complete_png
+from segcli.io.outputs import is_complete_png
 from tests.synthetic import make_dataset
 from tests.cli_helpers import cli
 
@@ -239,7 +239,7 @@ def test_model_file_never_executes_code(data, tmp_path):
 
 
 def test_model_round_trip(data, tmp_path):
-    from segcli.model_file import SegModel
+    from segcli.method.model import SegModel
 
     r = cli("cluster-dataset", data / "images", "--out", tmp_path / "m.segcli", *base_args(data, tmp_path))
     assert r.exit_code == 0, r.output

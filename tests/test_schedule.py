@@ -12,8 +12,8 @@ from PIL import Image
 
 from segcli.config import SegmentConfig
 from segcli.errors import BadImageError
-from segcli.features_source import FeatureSource
-from segcli.images import ImageItem
+from segcli.engines.feature_source import FeatureSource
+from segcli.io.images import ImageItem
 from tests.checkpoints import TINY, random_backbone
 
 # Three backbone input shapes at short side 224 (patch 16): 224x336, 336x224 and 224x224 (realistic token counts:
@@ -103,7 +103,7 @@ def test_stopping_early_stops_the_workers(backbone, images, tmp_path):
 def test_precision_auto_resolves_from_the_hardware(monkeypatch):
     import torch
 
-    import segcli.backbone as bb
+    import segcli.vit.backbone as bb
     from segcli.errors import UsageError
 
     amx = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16\n"
@@ -122,7 +122,7 @@ def test_precision_auto_resolves_from_the_hardware(monkeypatch):
 
 
 def test_the_cache_key_holds_the_resolved_precision(tmp_path, monkeypatch):
-    import segcli.backbone as bb
+    import segcli.vit.backbone as bb
     from tests.checkpoints import checkpoint_file
 
     config = SegmentConfig(backbone=TINY, short_side=32, max_side=64)
@@ -168,7 +168,7 @@ def test_same_masks_and_model_for_any_batch_size_and_workers(tmp_path):
     from typer.testing import CliRunner
 
     from segcli.cli import app
-    from segcli.model_file import SegModel
+    from segcli.method.model import SegModel
     from tests.checkpoints import checkpoint_file
     from tests.test_cli_backbone import scene
 
@@ -237,10 +237,10 @@ def test_region_crops_of_many_images_share_a_crop_forward(tmp_path, monkeypatch)
     from typer.testing import CliRunner
 
     import segcli.pipeline as pipeline
-    import segcli.steps as steps
-    from segcli.backbone import Backbone
+    import segcli.method.steps as steps
+    from segcli.vit.backbone import Backbone
     from segcli.cli import app
-    from segcli.model_file import SegModel
+    from segcli.method.model import SegModel
     from tests.checkpoints import checkpoint_file
     from tests.test_cli_backbone import scene
 

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segcli.backbone import Backbone, load_backbone
-from segcli.checkpoints import open_checkpoint
+from segcli.vit.backbone import Backbone, load_backbone
+from segcli.vit.checkpoints import open_checkpoint
 from segcli.errors import ModelError
-from segcli.features import pca_saliency
-from segcli.model_file import SegModel
-from segcli.outputs import read_label_png
+from segcli.vit.features import pca_saliency
+from segcli.method.model import SegModel
+from segcli.io.outputs import read_label_png
 from tests.checkpoints import save_checkpoint
 from tests.cli_helpers import cli, ok
 from tests.seed_checkpoints import (
@@ -84,7 +84,7 @@ def capture_cli_features(monkeypatch, tmp_path: Path, images: Path, weights: Pat
 
 def timm_vit(name: str, sd: dict, **kw) -> torch.nn.Module:
     """A fresh timm model filled with ``sd``: the 'direct forward' side of the comparisons."""
-    from segcli.compat import import_timm
+    from segcli.vit.compat import import_timm
 
     m = import_timm().create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kw)
     m.load_state_dict(sd, strict=True)
@@ -401,7 +401,7 @@ def test_cls_free_register_vit_through_the_pipeline(images, tmp_path):
 def test_official_file_in_torch_hub_folder_is_used_offline(tmp_path, monkeypatch, images):
     from huggingface_hub import constants
 
-    import segcli.backbone as backbone_mod
+    import segcli.vit.backbone as backbone_mod
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-empty"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -483,7 +483,7 @@ def test_restricted_unpickler_rebuilds_tensors_bit_identically(tmp_path):
     """Every dtype, views sharing one storage, non-contiguous strides and offsets, next to Lightning objects."""
     from tests.seed_checkpoints import _LIGHTNING, AttributeDict, ModelCheckpoint
 
-    from segcli.checkpoints.safe_pickle import load_zip_checkpoint
+    from segcli.vit.checkpoints.safe_pickle import load_zip_checkpoint
 
     base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
     tensors = {

@@ -1,5 +1,5 @@
 """Data in object stores (README "Data in object stores"): s3:// and gs:// URIs for inputs, --cache, --out,
---overlay, --masks and --model, through segcli.storage.
+--overlay, --masks and --model, through segcli.io.storage.
 
 The S3 tests run against an S3-compatible server (moto's server mode) started here on 127.0.0.1 and stopped at
 the end; every request goes to it (AWS_ENDPOINT_URL), never to the network. gs:// shares every code path above
@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segcli import storage
+from segcli.io import storage
 from segcli.errors import InputError, UsageError
-from segcli.images import discover_images
-from segcli.storage import ObjectPath
+from segcli.io.images import discover_images
+from segcli.io.storage import ObjectPath
 from tests.cli_helpers import cli, ok, pngs
 
 SERVER_LIMIT_S = 900  # the server is stopped after this long whatever happens to the tests
@@ -59,10 +59,10 @@ import sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from segcli import storage
-from segcli.cache import EntryStore
-from segcli.images import content_digest, discover_images, load_image
-from segcli.outputs import atomic_write, is_complete_png, prepare_output_dir, save_label_png
+from segcli.io import storage
+from segcli.io.cache import EntryStore
+from segcli.io.images import content_digest, discover_images, load_image
+from segcli.io.outputs import atomic_write, is_complete_png, prepare_output_dir, save_label_png
 root = Path({str(tmp_path)!r})
 (root / "in").mkdir()
 Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "in" / "a.png")
@@ -195,7 +195,7 @@ def test_read_write_list_and_atomic_writes(s3):
     assert storage.list_files(root) == ["a.jpg", "b/x.png"]  # no partial object, no temporary, old one intact
     assert storage.read_bytes(root / "a.jpg") == b"two"
 
-    from segcli.outputs import atomic_write, save_label_png
+    from segcli.io.outputs import atomic_write, save_label_png
 
     labels = np.arange(12, dtype=np.uint8).reshape(3, 4)
     save_label_png(root / "m.png", labels)
@@ -203,7 +203,7 @@ def test_read_write_list_and_atomic_writes(s3):
         save_label_png(root / "n.png", np.full((3, 4), 300))
     with pytest.raises(ZeroDivisionError):
         atomic_write(root / "m.png", lambda f: (f.write(b"garbage"), 1 / 0))
-    from segcli.outputs import read_label_png
+    from segcli.io.outputs import read_label_png
 
     assert np.array_equal(read_label_png(root / "m.png"), labels)
     assert "n.png" not in storage.list_files(root)
@@ -211,14 +211,14 @@ def test_read_write_list_and_atomic_writes(s3):
 
 
 def test_cache_entries_round_trip_and_a_damaged_one_is_refused(s3):
-    from segcli.cache import EntryStore
+    from segcli.io.cache import EntryStore
 
     store = EntryStore(ObjectPath("s3://bkt/cache"), "regions/k", compressed=True)
     arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
     digest = "ab" * 32
     store.save(digest, arrays)
     assert storage.list_files(ObjectPath("s3://bkt/cache")) == [f"regions/k/ab/{digest}.npz"]
-    from segcli.arrays import ArraySpec
+    from segcli.io.arrays import ArraySpec
 
     got = store.load(digest, {"a": ArraySpec(("h", "w"), ("float32",))})
     assert np.array_equal(got["a"], arrays["a"])
@@ -261,7 +261,7 @@ def test_voc_layout_in_a_bucket(s3):
 
 def test_reading_images_from_objects(s3, tmp_path):
     from segcli.errors import BadImageError
-    from segcli.images import content_digest, load_image
+    from segcli.io.images import content_digest, load_image
 
     local = tmp_path / "im.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(local)
@@ -308,7 +308,7 @@ def method_args():
 def test_segment_on_s3_writes_the_bytes_of_a_local_run_and_resumes(s3, dataset, tmp_path):
     """cluster-dataset and segment with every location on S3 write the model and masks of a local run, byte
     for byte; a rerun keeps the finished masks; a missing or truncated mask object is redone; no temporary object."""
-    from segcli.model_file import SegModel
+    from segcli.method.model import SegModel
 
     s3.put(str(dataset), "bkt/images", recursive=True)
     local = tmp_path / "local"

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import segcli.crf as crf_mod
+import segcli.method.crf as crf_mod
 from segcli.cli import app
 from segcli.config import SegmentConfig
-from segcli.crf import CRFParams, CRFUnavailableWarning, crf_available, refine_labels, refine_labels_scaled
+from segcli.method.crf import CRFParams, CRFUnavailableWarning, crf_available, refine_labels, refine_labels_scaled
 from segcli.errors import ModelError, UsageError
 from segcli.evaluate.presets import PRESETS
-from segcli.model_file import SegModel
-from segcli.outputs import read_label_png
+from segcli.method.model import SegModel
+from segcli.io.outputs import read_label_png
 from tests.synthetic import make_dataset, make_scene_dataset, matched_ious
 
 runner = CliRunner()
@@ -226,7 +226,7 @@ def test_multilabel_crf_rejects_bad_shapes():
 
 
 def test_split_regions_separates_touching_objects_of_different_clusters():
-    from segcli.regions import split_regions
+    from segcli.method.regions import split_regions
 
     regions = np.zeros((40, 60), np.int64)
     regions[10:30, 5:45] = 1  # a "car" (x < 20) touching a "cyclist" (x >= 20): one component

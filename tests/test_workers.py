@@ -1,4 +1,4 @@
-"""segcli.workers: the process pool of --workers (order, bounded lookahead, worker deaths, prompt stop)."""
+"""segcli.engines.pool: the process pool of --workers (order, bounded lookahead, worker deaths, prompt stop)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from segcli.errors import BadImageError
-from segcli.workers import CRASH_HOOK, WorkerDied, WorkerPool, default_workers
+from segcli.engines.pool import CRASH_HOOK, WorkerDied, WorkerPool, default_workers
 from tests import worker_tasks as tasks
 
 
@@ -119,7 +119,7 @@ def test_default_workers_is_zero_with_a_cpu_backbone_and_the_pool_with_features(
     core), the available cores minus one with --features (the host steps are all the work)."""
     from segcli.config import SegmentConfig
     from segcli.pipeline import Segmenter
-    from segcli.workers import default_workers
+    from segcli.engines.pool import default_workers
     from tests.checkpoints import TINY, checkpoint_file
     from tests.synthetic import make_dataset
 

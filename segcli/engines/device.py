@@ -2,9 +2,9 @@
 
 On a GPU the backbone forward is far cheaper than the per-image host work after it, so the per-image path
 itself moves to the device (README "Keeping an accelerator busy", device-resident path): the foreground step
-of a whole batch runs as tensor operations (:func:`segcli.batched.foreground_batch`), the refinement runs
-on the device (the torch mean-field of :mod:`segcli.refine`), and region crops are cut and resized there
-(:func:`segcli.batched.crop_batch`) and go to the crop forward without a round trip through the host.
+of a whole batch runs as tensor operations (:func:`segcli.method.batched.foreground_batch`), the refinement runs
+on the device (the torch mean-field of :mod:`segcli.method.refine`), and region crops are cut and resized there
+(:func:`segcli.method.regions.crop_batch`) and go to the crop forward without a round trip through the host.
 Only the connected components of the refined mask and the bookkeeping stay on the host. Every other step
 (label maps, PNG and overlay writing) goes to the inner engine (in process, or its worker pool).
 
@@ -17,12 +17,12 @@ from __future__ import annotations
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
-from segcli import steps
-from segcli.batched import foreground_batch
+from segcli.method import steps
+from segcli.method.batched import foreground_batch
 from segcli.engines.local import LocalEngine
 from segcli.errors import BadImageError
-from segcli.features import crop_side
-from segcli.report import Timings
+from segcli.vit.features import crop_side
+from segcli.timings import Timings
 
 
 class DeviceEngine:

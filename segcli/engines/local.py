@@ -1,10 +1,10 @@
-"""The local engine: runs the per-image host steps of :mod:`segcli.steps` on this machine.
+"""The local engine: runs the per-image host steps of :mod:`segcli.method.steps` on this machine.
 
 The device stages (backbone and crop forwards) stay with the caller, batched across images; the engine maps a
 per-image step over the images as their features arrive and gives the results back in input order, so what
 follows (the crop groups, the cache writes, the fits) never depends on how the steps were scheduled.
 
-With ``workers`` > 0 the steps run in a pool of worker processes (:class:`segcli.workers.WorkerPool`,
+With ``workers`` > 0 the steps run in a pool of worker processes (:class:`segcli.engines.pool.WorkerPool`,
 ``--workers N``): the settings shared by every task of a map (the fitted model, output folders, the
 refiner's device) reach each worker once, through the pool's initializer; each task carries one image's
 features (or region bundle) and gives back its result and the seconds its stages took, which are added to the
@@ -19,7 +19,7 @@ from collections import Counter, deque
 from typing import Any, Callable, Iterable, Iterator
 
 from segcli.errors import BadImageError
-from segcli.report import Timings
+from segcli.timings import Timings
 
 
 def _run_step(contexts: dict[str, dict], key: str, step: Callable[..., Any], task: tuple,
@@ -39,10 +39,10 @@ def _tag(task: tuple) -> str:
 class LocalEngine:
     """Map per-image steps over tasks, in input order, in this process or in ``workers`` worker processes.
 
-    A step is a plain function of :mod:`segcli.steps`; ``imap(step, tasks, **shared)`` calls
+    A step is a plain function of :mod:`segcli.method.steps`; ``imap(step, tasks, **shared)`` calls
     ``step(*task, **shared, timings=...)`` for every task and yields ``(task, result)``. A
     :class:`BadImageError` raised by a step is given back in place of its result (the image is reported and
-    skipped; the run goes on), and so is a :class:`segcli.workers.WorkerDied` when the worker process running
+    skipped; the run goes on), and so is a :class:`segcli.engines.pool.WorkerDied` when the worker process running
     a step dies; any other error stops the run.
     """
 
@@ -87,7 +87,7 @@ class LocalEngine:
     def _pool_with(self, key: str, shared: dict):
         """The worker pool, its workers holding ``shared`` (restarted with it when they do not yet: the
         contexts of the maps still running are kept)."""
-        from segcli.workers import WorkerPool
+        from segcli.engines.pool import WorkerPool
 
         if key not in self._contexts:
             self._contexts = {k: v for k, v in self._contexts.items() if self._active[k] > 0}

@@ -1,7 +1,7 @@
 """``--engine ray``: the per-image stages on Ray Data, the fits on the driver.
 
 One implementation of the method, two schedulers: every per-image step here is the function the local engine
-calls (segcli.steps and FeatureSource); only where it runs differs. A pass is one Ray Data job over the sorted
+calls (segcli.method.steps and FeatureSource); only where it runs differs. A pass is one Ray Data job over the sorted
 input, ``ray.data.from_items([{index, key, path}, ...])``, streamed through
 
 * **backbone actors** (``map_batches`` with an actor pool, one backbone per actor, loaded once in the actor's
@@ -28,20 +28,17 @@ from __future__ import annotations
 
 import functools
 import io
-import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from segcli import storage
+from segcli.io import storage
 from segcli.config import SegmentConfig
-from segcli.engines.ray_cluster import RayOptions
 from segcli.errors import BadImageError, SegcliError
-from segcli.pipeline import RunSummary, Segmenter
 
 # Rows per backbone-actor call (FeatureSource buckets them by input shape inside the call) and per CPU task.
 ACTOR_BATCH_MIN = 16
@@ -86,13 +83,13 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _absolute(place) -> str:
+def absolute(place) -> str:
     """A location as every worker reads it: a URI as is, a local path made absolute (workers may start in
     another directory)."""
     return str(place) if storage.is_remote(place) else str(Path(place).absolute())
 
 
-def _rows(items, indices: Iterable[int] | None = None) -> list[dict[str, Any]]:
+def item_rows(items, indices: Iterable[int] | None = None) -> list[dict[str, Any]]:
     """The input rows of a pass: each image's index in the pass's item list, its key and its path."""
     indices = range(len(items)) if indices is None else indices
     return [{"index": int(i), "key": items[i].key, "path": str(items[i].path)} for i in indices]
@@ -169,7 +166,7 @@ class BackboneActor:
     spec: WorkerSpec | None = None
 
     def __init__(self) -> None:
-        from segcli.features_source import FeatureSource
+        from segcli.engines.feature_source import FeatureSource
 
         spec = self.spec
         set_threads(spec.threads)
@@ -191,14 +188,14 @@ class FeatureActor(BackboneActor):
     """Features of each row's image, through the run's feature cache (same keys as the local engine).
 
     ``spec.extra["mode"]``: ``extract`` (the cache only), ``sample`` (the fit's patch sample of the image, drawn
-    here with :func:`segcli.steps.fit_sample`, seeded by the image's index in the sorted input, and its CLS
+    here with :func:`segcli.method.steps.fit_sample`, seeded by the image's index in the sorted input, and its CLS
     token), ``features`` (the features, for the per-image tasks downstream). With ``spec.extra["lookup"]`` (a
     pass that needs region bundles only) an image whose bundle is in the region cache skips the backbone.
     """
 
     @guarded
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from segcli import steps
+        from segcli.method import steps
 
         self.check()
         extra = self.spec.extra
@@ -234,12 +231,12 @@ class FeatureActor(BackboneActor):
 
 class CropActor(BackboneActor):
     """The region crops of every row of the batch in one crop forward (:meth:`FeatureSource.embed_crops`, the
-    local engine's grouping across images), each bundle completed (:func:`segcli.steps.with_embeddings`) and
+    local engine's grouping across images), each bundle completed (:func:`segcli.method.steps.with_embeddings`) and
     written to the region cache."""
 
     @guarded
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from segcli import steps
+        from segcli.method import steps
 
         self.check()
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -271,7 +268,7 @@ def _crop_list(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def _region_store(spec: WorkerSpec, warn: Callable[[str], None]):
     """The run's region cache (the local engine's EntryStore, same folder and keys)."""
-    from segcli.cache import EntryStore
+    from segcli.io.cache import EntryStore
 
     return EntryStore(storage.location(spec.source["cache_dir"]), f"regions/{spec.extra['region_key']}", compressed=True, warn=warn)
 
@@ -289,23 +286,23 @@ def _task_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 
 
 def _item(row: dict[str, Any]):
-    from segcli.images import ImageItem
+    from segcli.io.images import ImageItem
 
     return ImageItem(path=storage.location(str(row["path"])), key=str(row["key"]))
 
 
 def _features(row: dict[str, Any]):
-    from segcli.cache import ImageFeatures
+    from segcli.io.cache import ImageFeatures
 
     return ImageFeatures.from_arrays(unpack(row["feat"])) if len(row["feat"]) else None
 
 
 @guarded
 def regions_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, list]:
-    """Each image's region step up to the crops (:func:`segcli.steps.regions_step`, on this worker's CPU): a cached
+    """Each image's region step up to the crops (:func:`segcli.method.steps.regions_step`, on this worker's CPU): a cached
     bundle is passed through; a fresh one without crops is written to the region cache here, one with crops
     after the crop forward (:class:`CropActor`)."""
-    from segcli import steps
+    from segcli.method import steps
 
     set_threads(spec.threads)
     notes = _Warnings()
@@ -339,9 +336,9 @@ def regions_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, li
 @guarded
 def finish_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, list]:
     """The last per-image step of a pass, by ``spec.extra["finish"]``: ``emb`` (the region embeddings, for the
-    class fit), ``sample`` (:func:`segcli.steps.patch_sample`), ``parts`` (:func:`segcli.steps.part_graph`),
-    ``masks`` (:func:`segcli.steps.mask_step`: labels, PNG and overlay written here). Returns small rows."""
-    from segcli import steps
+    class fit), ``sample`` (:func:`segcli.method.steps.patch_sample`), ``parts`` (:func:`segcli.method.steps.part_graph`),
+    ``masks`` (:func:`segcli.method.steps.mask_step`: labels, PNG and overlay written here). Returns small rows."""
+    from segcli.method import steps
 
     set_threads(spec.threads)
     extra, model = spec.extra, spec.model
@@ -376,181 +373,9 @@ def finish_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, lis
 
 
 @contextmanager
-def _retry_args():
+def retry_args():
     """Ray 2.60 takes the retry bounds only as ``ray_remote_args``, which it flags as deprecated (to be replaced
     in 2.64): keep the bounds (Ray Data's own default is to retry forever) without the warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         yield
-
-
-class RaySegmenter(Segmenter):
-    """A :class:`~segcli.pipeline.Segmenter` whose passes run on Ray Data (module docstring); fits, model and
-    outputs are the local engine's, byte for byte.
-
-    Needs a connected Ray session (:func:`segcli.engines.ray_cluster.ray_session`)::
-
-        with ray_session(RayOptions()) as ray:
-            seg = RaySegmenter(SegmentConfig(k=21), ray_options=RayOptions(), weights="dino.pth").fit(items)
-
-    The driver loads the backbone on its CPU for its identity only (the model's ``weights_id``, STEGO's probe);
-    the actors load their own on ``device``. Paths (cache, weights, features, outputs) are made absolute: on a
-    cluster they must name the same files on every node (a shared file system).
-    """
-
-    # The workers of each stage (class attributes, so that a subclass can wrap one: the fault tests do).
-    feature_actor: type = FeatureActor
-    crop_actor: type = CropActor
-    region_task: Callable = staticmethod(regions_task)
-    finish_task: Callable = staticmethod(finish_task)
-
-    def __init__(self, config: SegmentConfig | None = None, *, model=None, reporter=None,
-                 ray_options: RayOptions | None = None, threads: int | None = None, **source_kwargs) -> None:
-        import torch
-
-        from segcli.engines.ray_cluster import import_ray
-
-        self.ray = import_ray(getattr(ray_options, "address", None))
-        if not self.ray.is_initialized():
-            from segcli.errors import UsageError
-
-            raise UsageError("RaySegmenter needs a connected Ray session: use segcli.engines.ray_cluster.ray_session")
-        self.options = ray_options or RayOptions()
-        self.threads = int(threads or torch.get_num_threads())
-        driver = {**source_kwargs, "device": "cpu", "precision": "fp32", "compile": False, "decode_workers": 0}
-        super().__init__(config, model=model, reporter=reporter, **driver)
-        worker = dict(source_kwargs)
-        worker["cache_dir"] = _absolute(self.source.cache_root)
-        for name in ("weights", "features_dir"):
-            if worker.get(name) is not None:
-                worker[name] = _absolute(storage.location(worker[name]))
-        self.worker_source = worker
-        gpus = float(self.ray.cluster_resources().get("GPU", 0))
-        device = str(worker.get("device", "auto")).lower()
-        if self.options.gpus_per_worker is not None:
-            self.gpus_per_worker = float(self.options.gpus_per_worker)
-        else:
-            self.gpus_per_worker = 1.0 if gpus and self.source.folder is None and device not in ("cpu", "mps") else 0.0
-        self.workers = self.options.workers or (max(1, int(gpus // self.gpus_per_worker)) if self.gpus_per_worker else 1)
-        self.actor_batch = max(ACTOR_BATCH_MIN, 2 * int(worker.get("batch_size", 8)))
-
-    # ------------------------------------------------------------------ Ray Data plumbing
-    def _spec(self, model=None, **extra) -> WorkerSpec:
-        return WorkerSpec(self.config, self.worker_source, self.threads, model, extra)
-
-    def _actors(self, ds, cls: type, spec: WorkerSpec, share: int):
-        """An actor-pool stage: ``--workers`` actors of ``cls``; a worker's CPUs and GPUs are split between the
-        ``share`` actor pools of a pass (features and crops), so both fit on the worker's device."""
-        with _retry_args():
-            return ds.map_batches(
-                bind(cls, spec), batch_size=self.actor_batch, batch_format="numpy",
-                compute=self.ray.data.ActorPoolStrategy(size=self.workers),
-                num_cpus=self.options.cpus_per_worker / share, num_gpus=self.gpus_per_worker / share,
-                max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
-
-    def _tasks(self, ds, fn: Callable, spec: WorkerSpec):
-        """A per-image CPU task stage (1 CPU per task)."""
-        with _retry_args():
-            return ds.map_batches(fn, fn_kwargs={"spec": spec}, batch_size=TASK_BATCH, batch_format="numpy",
-                                  num_cpus=1, max_retries=MAX_RESTARTS)
-
-    def _run(self, rows: list[dict[str, Any]], build: Callable, description: str) -> Iterator[dict[str, Any]]:
-        """Run one pass over ``rows`` (``build`` adds its stages to the dataset); its output rows as they arrive,
-        with each worker's warnings reported and the progress advanced."""
-        if not rows:
-            return
-        ds = build(self.ray.data.from_items(rows))
-        with self.reporter.progress(description, len(rows)) as advance:
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
-                        if str(row.get("fatal", "")):
-                            raise_fatal(str(row["fatal"]))
-                        for line in filter(None, str(row.get("warn", "")).split("\n")):
-                            self.reporter.warn(line)
-                        advance(1)
-                        yield row
-            except SegcliError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Ray's errors span many lines of remote tracebacks
-                from segcli.checkpoints.base import first_line
-
-                raise RuntimeError(f"the Ray job failed: {type(exc).__name__}: {first_line(exc, 300)}") from exc
-
-    def _rows_of(self, items: list) -> list[dict[str, Any]]:
-        """Rows of the items not skipped yet, each with its index in ``items``."""
-        return _rows(items, [i for i, item in enumerate(items) if item.key not in self.skipped])
-
-    def _ok(self, items: list, row: dict[str, Any]) -> bool:
-        """False (and the image reported and skipped) when the row carries an error."""
-        if str(row["error"]):
-            self._skip(items[int(row["index"])], BadImageError(str(row["error"])))
-            return False
-        return True
-
-    # ------------------------------------------------------------------ passes
-    def extract(self, items: list) -> RunSummary:
-        t0 = time.perf_counter()
-        spec = self._spec(mode="extract")
-        rows = self._run(self._rows_of(items), lambda ds: self._actors(ds, self.feature_actor, spec, 1), "features")
-        n = sum(1 for row in rows if self._ok(items, row))
-        return RunSummary(written=n, skipped=dict(self.skipped), seconds=time.perf_counter() - t0,
-                          timings=self.timings.as_dict())
-
-    def _fit_samples(self, items: list) -> tuple[list, list[dict[str, np.ndarray]]]:
-        from segcli import steps
-
-        spec = self._spec(mode="sample", quota=steps.fit_quota(self.config.max_samples, len(items)))
-        samples = {}
-        for row in self._run(self._rows_of(items), lambda ds: self._actors(ds, self.feature_actor, spec, 1), "features"):
-            if self._ok(items, row):
-                samples[int(row["index"])] = unpack(row["feat"])
-        order = sorted(samples)
-        return [items[i] for i in order], [samples[i] for i in order]
-
-    def _region_pass(self, items: list, description: str, finish: str, need_features: bool = True,
-                     **extra) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """One region pass (module docstring): (index in ``items``, finish result) of every usable image, in
-        any order; images that fail are reported and skipped."""
-        crops = self.config.assign == "cls"
-        spec = self._spec(self.model_, mode="features", lookup=not need_features, need_features=need_features,
-                          region_key=self._region_key(), finish=finish, **extra)
-        share = 2 if crops else 1
-
-        def build(ds):
-            ds = self._actors(ds, self.feature_actor, spec, share)
-            ds = self._tasks(ds, self.region_task, spec)
-            if crops:
-                ds = self._actors(ds, self.crop_actor, spec, share)
-            return self._tasks(ds, self.finish_task, spec)
-
-        for row in self._run(self._rows_of(items), build, description):
-            if self._ok(items, row):
-                yield int(row["index"]), (unpack(row["result"]) if len(row["result"]) else {})
-
-    def _sample_patches(self, items: list, description: str, foreground: bool, stream: int) -> list[np.ndarray]:
-        from segcli import steps
-
-        quota = steps.fit_quota(self.config.max_samples, len(items))
-        found = {i: r["sample"] for i, r in self._region_pass(items, description, "sample", foreground=foreground,
-                                                              stream=stream, quota=quota)}
-        return [found[i] for i in sorted(found) if len(found[i])]
-
-    def _region_embeddings(self, items: list) -> dict[str, np.ndarray]:
-        found = self._region_pass(items, "regions", "emb", need_features=False)
-        return {items[i].key: r["emb"] for i, r in found if len(r["emb"])}
-
-    def _part_graph(self, items: list, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        adjacency = np.zeros((len(centroids), len(centroids)), dtype=np.int64)
-        sizes = np.zeros(len(centroids), dtype=np.int64)
-        for _, r in self._region_pass(items, "part graph", "parts", centroids=np.asarray(centroids)):
-            adjacency += r["adjacency"]
-            sizes += r["sizes"]
-        return adjacency, sizes
-
-    def _write_masks(self, todo: list, out: Path, ov: Path | None) -> int:
-        from segcli import steps
-
-        found = self._region_pass(todo, "masks", "masks", need_features=steps.needs_features(self.model_),
-                                  out=_absolute(out), overlay=_absolute(ov) if ov else None)
-        return sum(1 for _ in found)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli import storage
+from segcli.io import storage
 from segcli.errors import InputError, UsageError
 from segcli.evaluate.config import MATCHINGS, PROTOCOLS, EvaluationConfig, available_cores
 from segcli.evaluate.labels import LabelSpec, resolve_spec

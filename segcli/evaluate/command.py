@@ -12,9 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from segcli import storage
+from segcli.io import storage
 from segcli.evaluate.config import EvaluationConfig
-from segcli.storage import parse_option
+from segcli.io.storage import parse_option
 
 
 class PresetName(str, Enum):
@@ -185,7 +185,7 @@ def evaluate_command(
         workers=workers,
     )
     json_to_stdout = json_out is not None and str(json_out) == "-"
-    from segcli.outputs import check_apart_from_inputs
+    from segcli.io.outputs import check_apart_from_inputs
 
     # Never write among the inputs: --remap-out apart from both folders, --json/--plot not over or among them.
     inputs = [storage.location(p) for p in (pred_dir, gt)]

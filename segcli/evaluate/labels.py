@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli import storage
+from segcli.io import storage
 from segcli.errors import InputError, UsageError
 from segcli.evaluate.config import EvaluationConfig
 from segcli.evaluate.presets import PRESETS

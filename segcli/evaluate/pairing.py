@@ -4,7 +4,7 @@ Files are keyed by their path relative to the folder, without the extension (``a
 key ``a/b``), so any image extension works on either side. Ground truth may be a plain folder or a PASCAL VOC
 layout: ``VOCdevkit``, ``VOCdevkit/VOC2012``, ``VOC2012`` or its ``SegmentationClass`` folder; ``--split val``
 then keeps the ids of ``ImageSets/Segmentation/val.txt``. ``--split`` may also name a file of ids.
-Either folder may be an object-store prefix (``s3://``, ``gs://``; :mod:`segcli.storage`), listed in one request
+Either folder may be an object-store prefix (``s3://``, ``gs://``; :mod:`segcli.io.storage`), listed in one request
 per 1000 objects.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from segcli import storage
+from segcli.io import storage
 from segcli.errors import InputError, UsageError
 
 IMAGE_EXTS = frozenset({".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg", ".webp", ".ppm", ".pgm", ".pbm"})

@@ -37,7 +37,7 @@ NAMED_PALETTES = ("voc", "camvid", "cityscapes")
 
 def voc_colours(n: int = 256) -> list[Colour]:
     """The PASCAL VOC palette (the same table segcli writes its masks with)."""
-    from segcli.outputs import VOC_PALETTE
+    from segcli.io.outputs import VOC_PALETTE
 
     return [tuple(VOC_PALETTE[3 * i: 3 * i + 3]) for i in range(n)]
 

@@ -8,7 +8,7 @@ array      shape           dtype      meaning
 ``feats``  (h, w, D)       float16    patch features on the patch grid, L2-normalised per patch
 ``cls``    (C,)            float32    the image's CLS token (used to find its category)
 ``attn``   (h, w)          float16    CLS-to-patch attention averaged over heads (saliency)
-``proposal`` (h, w)        bool       MaskDistill's object proposal (:mod:`segcli.proposal`); optional
+``proposal`` (h, w)        bool       MaskDistill's object proposal (:mod:`segcli.method.proposal`); optional
 =========  ==============  =========  ==========================================================
 
 The backbone cache lives under ``<cache>/features/<namespace>/<sha[:2]>/<sha>.npz`` where ``sha`` is the
@@ -23,7 +23,7 @@ and is checked against it and against the shapes the run expects when read (:cla
 truncated or swapped entry is reported, recomputed and replaced; it is never used and never stops a run.
 
 The cache root (and a bring-your-own folder) may be an object-store prefix (``s3://``, ``gs://``): every read
-and write goes through :mod:`segcli.storage`, and entries are uploaded whole (atomic for readers).
+and write goes through :mod:`segcli.io.storage`, and entries are uploaded whole (atomic for readers).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from typing import BinaryIO, Callable, Mapping
 
 import numpy as np
 
-from segcli import storage
-from segcli.arrays import ArrayCheckError, ArraySpec, check_arrays
+from segcli.io import storage
+from segcli.io.arrays import ArrayCheckError, ArraySpec, check_arrays
 from segcli.errors import BadImageError
-from segcli.outputs import atomic_write
+from segcli.io.outputs import atomic_write
 
 # Bumped when the layout of cache entries changes: entries of another layout are simply not found.
 CACHE_LAYOUT = "v2"
@@ -66,7 +66,7 @@ class ImageFeatures:
     cls: np.ndarray  # (C,) float32
     attn: np.ndarray  # (h, w) float16
     proposal: np.ndarray | None = None  # (h, w) bool MaskDistill object proposal, None when not provided
-    # The decoded image (segcli.images.LoadedImage at the working size) when the backbone has just computed
+    # The decoded image (segcli.io.images.LoadedImage at the working size) when the backbone has just computed
     # these features from it: the region step reuses it instead of decoding the file again. Never cached.
     image: object | None = field(default=None, compare=False, repr=False)
 

@@ -10,8 +10,8 @@ last block's tokens after the final norm, so that is the default feature of thes
 
 from __future__ import annotations
 
-from segcli.checkpoints.base import Checkpoint, tensor_dict
-from segcli.checkpoints.vit import infer_arch
+from segcli.vit.checkpoints.base import Checkpoint, tensor_dict
+from segcli.vit.checkpoints.vit import infer_arch
 
 
 def _tensors(raw: dict) -> dict:

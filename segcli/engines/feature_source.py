@@ -14,12 +14,12 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from segcli import storage
-from segcli.cache import CACHE_FORMAT, FeatureCache, FeatureFolder, ImageFeatures, has_proposal
+from segcli.io import storage
+from segcli.io.cache import CACHE_FORMAT, FeatureCache, FeatureFolder, ImageFeatures, has_proposal
 from segcli.config import FEATURE_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, SegcliError, UsageError
-from segcli.images import ImageItem, content_digest, load_image
-from segcli.report import Timings
+from segcli.io.images import ImageItem, content_digest, load_image
+from segcli.timings import Timings
 
 
 def default_cache_dir() -> Path:
@@ -77,7 +77,7 @@ class FeatureSource:
         self.folder = FeatureFolder(storage.location(features_dir)) if features_dir else None
         self.backbone = backbone
         if self.folder is None and self.backbone is None:
-            from segcli.backbone import load_backbone
+            from segcli.vit.backbone import load_backbone
 
             with self.timings("load model"):
                 self.backbone = load_backbone(config.backbone, weights=weights, device=device, precision=precision)
@@ -196,7 +196,7 @@ class FeatureSource:
             except Exception as exc:
                 if not getattr(self.backbone, "compiled", False) or isinstance(exc, (KeyboardInterrupt, SegcliError)):
                     raise
-                from segcli.checkpoints.base import first_line
+                from segcli.vit.checkpoints.base import first_line
 
                 raise ModelError(f"--compile: torch.compile failed ({first_line(exc, 160)}); run without --compile") from None
         return [ImageFeatures(

@@ -20,7 +20,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from segcli.checkpoints.base import Checkpoint
+from segcli.vit.checkpoints.base import Checkpoint
 from segcli.errors import ModelError
 
 _SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}

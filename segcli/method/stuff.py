@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from segcli.config import SegmentConfig
-from segcli.kmeans import KMeans
+from segcli.method.kmeans import KMeans
 
 STUFF_TEMPERATURE = 0.1
 
@@ -64,7 +64,7 @@ def stuff_probabilities(feats: np.ndarray, fg_grid: np.ndarray, centroids: np.nd
 def refine_stuff(rgb: np.ndarray, probs: np.ndarray, config: SegmentConfig, device=None) -> np.ndarray:
     """(H, W) stuff ids from (N, H, W) probabilities at the image's size: the one place that refines them,
     with the foreground's refiner (``--refine``; ``--no-crf``: the arg-max) on ``device``."""
-    from segcli.refine import refine_label_map
+    from segcli.method.refine import refine_label_map
 
     method = config.refine if config.crf else "none"
     return refine_label_map(rgb, probs, method, config.crf_iterations, config.crf_max_side, device)

@@ -122,7 +122,7 @@ def _single_threaded_blas():
                 _blas_limiter = None
 
 
-def _first_distinct_rows(C: np.ndarray) -> np.ndarray:
+def first_distinct_rows(C: np.ndarray) -> np.ndarray:
     """Indices of the first occurrence of each distinct row, ascending (cheap for a few hundred rows)."""
     seen: dict[bytes, int] = {}
     C = np.ascontiguousarray(C)
@@ -150,7 +150,7 @@ def assign_nearest(X: np.ndarray, centers: np.ndarray, chunk_size: int = 65536) 
         raise ValueError("chunk_size must be >= 1")
     # Exact duplicate centres: keep the first of each, so ties can never depend on BLAS rounding.
     n_centers = C.shape[0]
-    keep = _first_distinct_rows(C + 0.0)  # + 0.0: -0.0 and 0.0 are one value
+    keep = first_distinct_rows(C + 0.0)  # + 0.0: -0.0 and 0.0 are one value
     if len(keep) < n_centers:
         C = C[keep]
     half_sq = 0.5 * np.einsum("ij,ij->i", C, C)
@@ -178,7 +178,7 @@ def _sq_dists(X: np.ndarray, x_sq: np.ndarray, C: np.ndarray) -> np.ndarray:
     return d
 
 
-def _kmeans_pp(X: np.ndarray, x_sq: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def kmeans_pp(X: np.ndarray, x_sq: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best)."""
     n = X.shape[0]
     n_trials = 2 + int(math.log(k))
@@ -226,7 +226,7 @@ def _lloyd_numpy_impl(X: np.ndarray, k: int, seed: int, n_init: int, max_iter: i
     x_sq = np.einsum("ij,ij->i", X, X)
     best_c, best_inertia = None, np.inf
     for _ in range(n_init):
-        C = _kmeans_pp(X, x_sq, k, rng)
+        C = kmeans_pp(X, x_sq, k, rng)
         labels = None
         for _ in range(max_iter):
             d = _sq_dists(X, x_sq, C)
@@ -325,7 +325,7 @@ def _fit_torch(X: np.ndarray, k: int, seed: int, n_init: int, max_iter: int,
                        for s in range(0, n, _TORCH_BLOCK_ROWS)])
         return (d + (C * C).sum(dim=1)[None, :]).clamp_min_(0.0)
 
-    def seed_centres() -> torch.Tensor:  # greedy k-means++, as _kmeans_pp
+    def seed_centres() -> torch.Tensor:  # greedy k-means++, as kmeans_pp
         trials = 2 + int(math.log(k))
         C = Xt.new_empty((k, Xt.shape[1]))
         C[0] = Xt[int(torch.randint(n, (1,), generator=gen))]
@@ -445,7 +445,7 @@ class KMeans:
 
         if n <= k or not np.any(X.max(axis=0) > X.min(axis=0)):
             # fewer rows than centres, or every row identical: the distinct rows are the centres
-            centers = X[_first_distinct_rows(X + 0.0)[:k]] if n <= k else X[:1]
+            centers = X[first_distinct_rows(X + 0.0)[:k]] if n <= k else X[:1]
             backend = "trivial"
         else:
             backend = self._choose_backend(n, d, k)
@@ -461,7 +461,7 @@ class KMeans:
                 centers, backend = _fit_sklearn(X, k, self.seed, self.n_init, self.max_iter)
             centers = np.asarray(centers, dtype=np.float32)
 
-        n_distinct = len(_first_distinct_rows(centers + 0.0))  # + 0.0: -0.0 and 0.0 are one value
+        n_distinct = len(first_distinct_rows(centers + 0.0))  # + 0.0: -0.0 and 0.0 are one value
         if len(centers) < k:
             centers = np.concatenate([centers, np.repeat(centers[:1], k - len(centers), axis=0)])
         labels = assign_nearest(X, centers)
@@ -521,7 +521,7 @@ def cluster_embeddings(
         raise ValueError(f"method must be 'kmeans' or 'spectral', got {method!r}")
     n = X.shape[0]
     k = int(n_clusters)
-    if n <= k + 1 or len(_first_distinct_rows(X + 0.0)) <= k:
+    if n <= k + 1 or len(first_distinct_rows(X + 0.0)) <= k:
         return KMeans(k, seed=seed).fit(X).cluster_centers_
 
     from scipy import sparse

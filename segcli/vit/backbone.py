@@ -3,11 +3,11 @@
 ``load_backbone()`` builds the timm model (``dynamic_img_size=True``, no classifier head, eval mode, no
 gradients) and fills it with either timm's pretrained weights (Hugging Face cache, the official file in torch
 hub's checkpoint folder, else a download; fails fast with a :class:`ModelError` when offline and not cached) or
-a local checkpoint file of any layout :mod:`segcli.checkpoints` reads (DINO, DINOv2, DINOv3, timm,
+a local checkpoint file of any layout :mod:`segcli.vit.checkpoints` reads (DINO, DINOv2, DINOv3, timm,
 safetensors, Leopart, STEGO, LOCA), whose architecture is read from the file when no name is given.
-Checkpoints never execute code when read (see :mod:`segcli.checkpoints`).
+Checkpoints never execute code when read (see :mod:`segcli.vit.checkpoints`).
 
-Feature extraction itself is in :mod:`segcli.features`; :class:`FeatureBatch` is re-exported here.
+Feature extraction itself is in :mod:`segcli.vit.features`; :class:`FeatureBatch` is re-exported here.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segcli.checkpoints import Checkpoint, open_checkpoint, read_checkpoint
-from segcli.checkpoints.base import first_line as _first_line
-from segcli.checkpoints.vit import fit_state_dict, parse as parse_vit
-from segcli.compat import import_timm
+from segcli.vit.checkpoints import Checkpoint, open_checkpoint, read_checkpoint
+from segcli.vit.checkpoints.base import first_line as _first_line
+from segcli.vit.checkpoints.vit import fit_state_dict, parse as parse_vit
+from segcli.vit.compat import import_timm
 from segcli.errors import ModelError, UsageError
-from segcli.features import KINDS, FeatureBatch, compute_features, embed_crops, extract_features
+from segcli.vit.features import KINDS, FeatureBatch, compute_features, embed_crops, extract_features
+from segcli.vit.preprocess import as_rgb_uint8, resize_normalise, target_size
 
 __all__ = [
     "ALIASES",
@@ -157,59 +158,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 _check_precision = resolve_precision
 
 
-# ----------------------------------------------------------------------------------------- images
-
-
-def target_size(height: int, width: int, patch: int, short_side: int = 448, max_side: int | None = 1344) -> tuple[int, int]:
-    """(H', W') for an image of ``height`` x ``width``: keep the aspect ratio, short side -> ``short_side``
-    (up or down), long side at most ``max_side``, both rounded to a multiple of ``patch`` (at least one)."""
-    if height < 1 or width < 1:
-        raise ValueError(f"empty image ({height}x{width})")
-    if short_side < 1:
-        raise ValueError(f"short_side must be positive, got {short_side}")
-    scale = short_side / min(height, width)
-    if max_side is not None and max(height, width) * scale > max_side:
-        scale = max_side / max(height, width)
-    cap = None if max_side is None else max(patch, (int(max_side) // patch) * patch)
-
-    def snap(x: float) -> int:
-        v = max(patch, int(round(x / patch)) * patch)
-        return min(v, cap) if cap is not None else v
-
-    return snap(height * scale), snap(width * scale)
-
-
-def as_rgb_uint8(rgb: np.ndarray) -> np.ndarray:
-    """Accept (H, W, 3) uint8 (also (H, W), (H, W, 1), (H, W, 4)); return contiguous (H, W, 3) uint8."""
-    a = np.asarray(rgb)
-    if a.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 RGB image, got dtype {a.dtype}")
-    if a.ndim == 2:
-        a = np.stack([a] * 3, axis=-1)
-    elif a.ndim == 3 and a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-    elif a.ndim == 3 and a.shape[2] == 4:
-        a = a[:, :, :3]
-    if a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {a.shape}")
-    if a.shape[0] < 1 or a.shape[1] < 1:
-        raise ValueError(f"empty image of shape {a.shape}")
-    return np.ascontiguousarray(a)
-
-
-def resize_normalise(rgb: np.ndarray, height: int, width: int, mean, std) -> torch.Tensor:
-    """uint8 RGB -> float32 (3, height, width): PIL bicubic resize (antialiased), then (x/255 - mean)/std."""
-    from PIL import Image
-
-    a = as_rgb_uint8(rgb)
-    if a.shape[0] != height or a.shape[1] != width:
-        a = np.array(Image.fromarray(a).resize((width, height), Image.Resampling.BICUBIC))
-    x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(m).div_(s)
-
-
 # ------------------------------------------------------------------------------------------ backbone
 
 
@@ -235,7 +183,7 @@ class Backbone:
         self.embed_dim = int(model.embed_dim)
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         # No CLS token (LOCA, *_gap_* register models, MAE/SAM-style encoders): the image descriptor is the mean
-        # of the patch tokens and CLS attention is replaced by a training-free saliency (segcli.features).
+        # of the patch tokens and CLS attention is replaced by a training-free saliency (segcli.vit.features).
         self.has_cls = getattr(model, "cls_token", None) is not None
         cfg = getattr(model, "pretrained_cfg", None) or {}
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -249,9 +197,9 @@ class Backbone:
         (unless $TORCHINDUCTOR_CACHE_DIR is set), so later runs reuse the compiled kernels.
 
         Every block but the last is compiled: the last one keeps its eager forward, where the forward pre-hook
-        that captures the attention input (:mod:`segcli.features`) is registered per call, which a compiled
+        that captures the attention input (:mod:`segcli.vit.features`) is registered per call, which a compiled
         module would have to recompile for. Compiled kernels fuse operations and round differently, so the
-        feature cache keeps compiled features apart (see :class:`segcli.features_source.FeatureSource`).
+        feature cache keeps compiled features apart (see :class:`segcli.engines.feature_source.FeatureSource`).
         The first batch of every new input shape pays the compilation (seconds to minutes; inductor then
         switches to dynamic shapes).
         """

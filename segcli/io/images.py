@@ -23,7 +23,7 @@ Pixel conversions (every PIL mode ends as RGB):
 
 Multi-frame files (GIF, TIFF, APNG) use their first frame.
 
-Inputs may live in an object store (``s3://bucket/prefix``, ``gs://...``; :mod:`segcli.storage`): a prefix is
+Inputs may live in an object store (``s3://bucket/prefix``, ``gs://...``; :mod:`segcli.io.storage`): a prefix is
 listed like a folder (one recursive listing, same extension filter, hidden names skipped, same keys), a VOC
 layout and a single image object too; each image is downloaded when it is read.
 """
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from segcli import storage
+from segcli.io import storage
 from segcli.errors import BadImageError, InputError
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """STEGO (Hamilton et al., ICLR 2022) Lightning checkpoints: ``cocostuff27_vit_base_5.ckpt`` and siblings.
 
 The pickle holds omegaconf objects (and, with old Lightning, callback classes as dict keys), so it is read by
-:mod:`segcli.checkpoints.safe_pickle`, which imports nothing named in the file.  ``state_dict`` holds the frozen
+:mod:`segcli.vit.checkpoints.safe_pickle`, which imports nothing named in the file.  ``state_dict`` holds the frozen
 DINO ViT under ``net.model.*`` and STEGO's head: ``net.cluster1`` (1x1 conv) and, for the default nonlinear
 projection, ``net.cluster2`` (conv, ReLU, conv); STEGO's "code" is ``cluster1(f) + cluster2(f)`` of the final-norm
 patch tokens ``f`` (``DinoFeaturizer``, dropout is the identity at eval).  ``cluster_probe.clusters`` are the
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segcli.checkpoints.base import Checkpoint, tensor_dict
-from segcli.checkpoints.vit import infer_arch
+from segcli.vit.checkpoints.base import Checkpoint, tensor_dict
+from segcli.vit.checkpoints.vit import infer_arch
 from segcli.errors import ModelError
 
 

@@ -3,11 +3,11 @@
 Every scheduler calls these and only these: the in-process loop and the worker pool of
 :mod:`segcli.engines.local`, and the cluster engine. So the method has one implementation whatever runs it,
 and a result never depends on which scheduler (or how many workers) produced it. Each function takes the
-fitted :class:`~segcli.model_file.SegModel` (its ``config`` holds the settings) and, optionally, a
-:class:`~segcli.report.Timings` to account its time to the pipeline's stages.
+fitted :class:`~segcli.method.model.SegModel` (its ``config`` holds the settings) and, optionally, a
+:class:`~segcli.timings.Timings` to account its time to the pipeline's stages.
 
 The device stages (backbone forward, crop forward) are not here: they run where the backbone lives
-(:class:`~segcli.features_source.FeatureSource`), batched across images.
+(:class:`~segcli.engines.feature_source.FeatureSource`), batched across images.
 """
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli.arrays import ArraySpec
-from segcli.cache import ImageFeatures
+from segcli.io.arrays import ArraySpec
+from segcli.io.cache import ImageFeatures
 from segcli.errors import BadImageError, ModelError
-from segcli.foreground import PROPOSAL_VOTE_WEIGHT, fuse, image_level_clusters
-from segcli.images import ImageItem, load_image
-from segcli.kmeans import assign_nearest
-from segcli.model_file import SegModel
-from segcli.regions import find_regions, pooled_embeddings, region_boxes, region_crops, regions_on_grid, split_regions
-from segcli.report import Timings
-from segcli.stuff import refine_stuff, stuff_probabilities
+from segcli.method.foreground import PROPOSAL_VOTE_WEIGHT, fuse, image_level_clusters
+from segcli.io.images import ImageItem, load_image
+from segcli.method.kmeans import assign_nearest
+from segcli.method.model import SegModel
+from segcli.method.regions import (crop_batch, find_regions, pooled_embeddings, region_boxes, region_crops, regions_on_grid,
+                                   split_regions)
+from segcli.timings import Timings
+from segcli.method.stuff import refine_stuff, stuff_probabilities
 
 # The arrays of a per-image region bundle (cached under <cache>/regions/): H, W working size; h, w patch grid;
 # n regions; E embedding size (0 when nothing is embedded).
@@ -119,11 +120,11 @@ def regions_before_crops(model: SegModel, item: ImageItem, f: ImageFeatures, dev
     Returns (bundle, crops). With crops (``--assign cls``), the bundle's embeddings are still to come from a
     crop forward (:func:`with_embeddings`), so the crops of several images can share one device batch.
     ``device`` is where the torch refiner runs (the backbone's CUDA device, else the CPU). ``fg``: this
-    image's :func:`foreground`, when it was computed already (batched on a device, :mod:`segcli.batched`).
+    image's :func:`foreground`, when it was computed already (batched on a device, :mod:`segcli.method.batched`).
     ``crop_spec`` (side, mean, std): cut the crops on ``device`` and resize them there, ready for the crop
-    forward (:func:`segcli.batched.crop_batch`), instead of giving RGB arrays back.
+    forward (:func:`segcli.method.regions.crop_batch`), instead of giving RGB arrays back.
     """
-    from segcli.refine import refine_mask
+    from segcli.method.refine import refine_mask
 
     cfg, timings = model.config, timings or Timings()
     with timings("clustering"):
@@ -145,7 +146,6 @@ def regions_before_crops(model: SegModel, item: ImageItem, f: ImageFeatures, dev
         fg_grid = regions_on_grid(regions, f.grid) > 0
     crops = None
     if cfg.assign == "cls" and n and crop_spec is not None:
-        from segcli.batched import crop_batch
 
         with timings("regions"):
             rgb_t = torch_image(rgb, device)
@@ -184,7 +184,7 @@ def fit_quota(max_samples: int, n_images: int) -> int:
 def fit_sample(f: ImageFeatures, quota: int, seed: int, index: int) -> dict[str, np.ndarray]:
     """One image's share of the level fits' sample: ``quota`` patches (features, normalised attention, border
     flags) drawn with the stream of the image's ``index`` in the sorted input, and its CLS token."""
-    from segcli.foreground import border_grid, normalised_attention
+    from segcli.method.foreground import border_grid, normalised_attention
 
     h, w = f.grid
     pick = sample_rng(seed, 1, index).choice(h * w, size=min(quota, h * w), replace=False)
@@ -209,7 +209,7 @@ def patch_sample(f: ImageFeatures, fg_grid: np.ndarray, foreground: bool, quota:
 
 def part_graph(f: ImageFeatures, fg_grid: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One image's share of the part graph: (adjacency counts between parts, patches per part)."""
-    from segcli.parts import part_adjacency
+    from segcli.method.parts import part_adjacency
 
     n_parts = len(centroids)
     grid = part_grid(f, fg_grid, centroids)
@@ -293,9 +293,9 @@ def write_masks(model: SegModel, item: ImageItem, f: ImageFeatures | None, bundl
                 overlay: Path | None = None, device="cpu", timings: Timings | None = None) -> None:
     """Label one image and write its label PNG (original size) and, with ``overlay``, its overlay JPEG.
 
-    Both writes are atomic; ``out``/``overlay`` are prepared output folders (:func:`segcli.outputs.prepare_output_dir`).
+    Both writes are atomic; ``out``/``overlay`` are prepared output folders (:func:`segcli.io.outputs.prepare_output_dir`).
     """
-    from segcli.outputs import output_path, save_label_png, save_overlay
+    from segcli.io.outputs import output_path, save_label_png, save_overlay
 
     timings = timings or Timings()
     rgb = None

@@ -5,8 +5,8 @@
   a hidden ``*.tmp`` leftover, never a half-written result that a resumed run would take as done.
 * Output names come from image keys and never leave the output folder (:func:`output_path`).
 * Label maps are palette PNGs (mode ``P``): pixel value = class id, shown with the PASCAL VOC colour map.
-* Every function also takes object-store locations (:class:`segcli.storage.ObjectPath`, ``s3://``/``gs://``):
-  an object is uploaded whole in one request, which is atomic for readers (:func:`segcli.storage.put_atomic`).
+* Every function also takes object-store locations (:class:`segcli.io.storage.ObjectPath`, ``s3://``/``gs://``):
+  an object is uploaded whole in one request, which is atomic for readers (:func:`segcli.io.storage.put_atomic`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 from PIL import Image
 
-from segcli import storage
+from segcli.io import storage
 from segcli.errors import OutputError
 
 
@@ -136,7 +136,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` atomically: ``write(f)`` fills a hidden temp file in the same folder (``.<name>.*.tmp``),
     which is flushed, fsynced and renamed over ``path``. On any exception the temp file is removed and the
     exception re-raised (``OSError`` as :class:`OutputError` naming the file); ``path`` is left untouched.
-    An object-store ``path`` is uploaded whole once ``write`` has finished (:func:`segcli.storage.put_atomic`).
+    An object-store ``path`` is uploaded whole once ``write`` has finished (:func:`segcli.io.storage.put_atomic`).
     """
     if storage.is_remote(path):
         storage.put_atomic(path, write)

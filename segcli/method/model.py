@@ -2,7 +2,7 @@
 
 Stored as safetensors (plain arrays plus a JSON header), so loading a model file can never execute code,
 unlike a pickle. It holds centroids and decisions only, never features: kilobytes to a few MB. The path may be
-an object-store URI (``s3://``, ``gs://``; :mod:`segcli.storage`): the file is uploaded whole, atomically.
+an object-store URI (``s3://``, ``gs://``; :mod:`segcli.io.storage`): the file is uploaded whole, atomically.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli import __version__, storage
-from segcli.arrays import ArrayCheckError, ArraySpec, check_arrays
+from segcli import __version__
+from segcli.io import storage
+from segcli.io.arrays import ArrayCheckError, ArraySpec, check_arrays
 from segcli.config import SegmentConfig
 from segcli.errors import ModelError, UsageError
-from segcli.foreground import LevelModel
-from segcli.outputs import atomic_write
+from segcli.method.foreground import LevelModel
+from segcli.io.outputs import atomic_write
 
 FORMAT = "segcli-model"
 # The newest format this segcli reads. A file records the oldest reader that can use it: 1 for

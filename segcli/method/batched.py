@@ -6,20 +6,20 @@ one CPU core per image: run image by image on the host, it would set the pace. H
 padded to a common number of patches and every stage runs on the device for all of them together:
 
 * the dataset and category levels: nearest-centroid assignment (``x.c - |c|^2/2``, in float64 as
-  :func:`segcli.kmeans.assign_nearest`) of every patch of every image;
+  :func:`segcli.method.kmeans.assign_nearest`) of every patch of every image;
 * the image level: Lloyd's k-means on each image's own patches, batched (``bmm``), started from the same
-  k-means++ seeds as :class:`segcli.kmeans.KMeans` (drawn on the host from the same seeded generator: a few
+  k-means++ seeds as :class:`segcli.method.kmeans.KMeans` (drawn on the host from the same seeded generator: a few
   distance rows per image), then the same canonical ordering and final assignment, so the clusters are the
   per-image path's;
-* the fusion: the weighted votes and their logistic (:func:`segcli.foreground.fuse`).
+* the fusion: the weighted votes and their logistic (:func:`segcli.method.foreground.fuse`).
 
-Which clusters are foreground (:func:`segcli.foreground.label_clusters`, a sort of ``k`` numbers per image)
-and the ordering of ``k`` centroids stay on the host. The results equal :func:`segcli.steps.foreground`'s:
+Which clusters are foreground (:func:`segcli.method.foreground.label_clusters`, a sort of ``k`` numbers per image)
+and the ordering of ``k`` centroids stay on the host. The results equal :func:`segcli.method.steps.foreground`'s:
 the tests compare them on the CPU, where this code runs too (``device="cpu"``). Images whose k-means the
 per-image path treats as a special case (fewer patches than clusters, all patches identical) go through
-:func:`segcli.steps.foreground` itself.
+:func:`segcli.method.steps.foreground` itself.
 
-:func:`crop_batch` cuts region crops out of an image on the device and resizes them for the crop forward
+:func:`segcli.method.regions.crop_batch` cuts region crops out of an image on the device and resizes them for the crop forward
 (bicubic, antialiased: within one grey level of PIL's resize, which the host path uses).
 """
 
@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from segcli.cache import ImageFeatures
+from segcli.io.cache import ImageFeatures
 from segcli.errors import BadImageError, ModelError
-from segcli.foreground import PROPOSAL_VOTE_WEIGHT, _SOFT_SLOPE_VOTES, border_grid, label_clusters, normalised_attention, vote_threshold
-from segcli.kmeans import _first_distinct_rows, _kmeans_pp
-from segcli.model_file import SegModel
+from segcli.method.foreground import PROPOSAL_VOTE_WEIGHT, SOFT_SLOPE_VOTES, border_grid, label_clusters, normalised_attention, vote_threshold
+from segcli.method.kmeans import first_distinct_rows, kmeans_pp
+from segcli.method.model import SegModel
 
 MAX_ITER = 300  # KMeans' default max_iter (the image level's k-means uses the defaults)
 KMEANS_MAX_SAMPLES = 100_000  # KMeans' default max_samples: larger images are subsampled, by the per-image path
@@ -41,7 +40,7 @@ KMEANS_MAX_SAMPLES = 100_000  # KMeans' default max_samples: larger images are s
 
 def _assign(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Nearest of the centres C (B, k, D) for the rows X (B, N, D), float64, exact duplicates tie to the first
-    (as :func:`segcli.kmeans.assign_nearest`)."""
+    (as :func:`segcli.method.kmeans.assign_nearest`)."""
     X64, C64 = X.double(), C.double()
     scores = torch.bmm(X64, C64.transpose(1, 2)) - 0.5 * (C64 * C64).sum(-1)[:, None, :]
     return scores.argmax(-1)
@@ -49,7 +48,7 @@ def _assign(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 def _level_assign(flat: torch.Tensor, centroids: np.ndarray) -> torch.Tensor:
     """Nearest-centroid ids (B, N) of one shared set of centroids, with assign_nearest's duplicate rule."""
-    keep = _first_distinct_rows(np.asarray(centroids, np.float64) + 0.0)
+    keep = first_distinct_rows(np.asarray(centroids, np.float64) + 0.0)
     C = torch.from_numpy(np.asarray(centroids, np.float64)[keep]).to(flat.device)
     ids = _assign(flat, C[None].expand(flat.shape[0], -1, -1))
     return torch.from_numpy(keep).to(flat.device)[ids]
@@ -94,8 +93,8 @@ def _lloyd_batch(X: torch.Tensor, valid: torch.Tensor, C: torch.Tensor, max_iter
 
 def _image_level(model: SegModel, fs: list[ImageFeatures], X: torch.Tensor, valid: torch.Tensor,
                  counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(cluster ids, M_I) of every image (see :func:`segcli.foreground.image_level_clusters`)."""
-    from segcli.steps import image_clusters
+    """(cluster ids, M_I) of every image (see :func:`segcli.method.foreground.image_level_clusters`)."""
+    from segcli.method.steps import image_clusters
 
     cfg = model.config
     k = cfg.level_clusters("image")
@@ -108,7 +107,7 @@ def _image_level(model: SegModel, fs: list[ImageFeatures], X: torch.Tensor, vali
         else:
             rng = np.random.default_rng(cfg.seed)
             x_sq = np.einsum("ij,ij->i", flat, flat)
-            batched.append((i, _kmeans_pp(flat, x_sq, k, rng)))
+            batched.append((i, kmeans_pp(flat, x_sq, k, rng)))
     if not batched:
         return out
     idx = torch.tensor([i for i, _ in batched], device=X.device)
@@ -125,7 +124,7 @@ def _image_level(model: SegModel, fs: list[ImageFeatures], X: torch.Tensor, vali
         ordered[j] = C_host[j][np.lexsort(tuple(C_host[j].T[::-1]) + (-cnt,))]
     labels = _assign(Xb, torch.from_numpy(ordered).to(X.device)).cpu().numpy()
     for j, (i, _) in enumerate(batched):
-        if len(_first_distinct_rows(C_host[j] + 0.0)) < k:  # merged centres: assign_nearest's tie rule, per image
+        if len(first_distinct_rows(C_host[j] + 0.0)) < k:  # merged centres: assign_nearest's tie rule, per image
             out[i] = image_clusters(model, fs[i])
             continue
         h, w = fs[i].grid
@@ -136,22 +135,22 @@ def _image_level(model: SegModel, fs: list[ImageFeatures], X: torch.Tensor, vali
 
 
 def _fuse(masks: list[torch.Tensor], rule: str, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`segcli.foreground.fuse` on (B, N) masks."""
+    """:func:`segcli.method.foreground.fuse` on (B, N) masks."""
     w = np.asarray(weights, dtype=np.float64)
     votes = sum(float(wi) * m.float() for wi, m in zip(w, masks))
     lose, win = vote_threshold(w, rule)
     hard = votes >= win - 1e-6
-    soft = 1.0 / (1.0 + torch.exp(-_SOFT_SLOPE_VOTES * (votes - (lose + win) / 2.0)))
+    soft = 1.0 / (1.0 + torch.exp(-SOFT_SLOPE_VOTES * (votes - (lose + win) / 2.0)))
     return hard, soft.float()
 
 
 def foreground_batch(model: SegModel, fs: list[ImageFeatures], device: torch.device | str = "cpu"
                      ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """:func:`segcli.steps.foreground` of every image of ``fs``, computed together on ``device``.
+    """:func:`segcli.method.steps.foreground` of every image of ``fs``, computed together on ``device``.
 
     Returns per image (hard, soft, clusters) as the per-image step does; raises the same errors.
     """
-    from segcli.steps import foreground
+    from segcli.method.steps import foreground
 
     cfg = model.config
     if not fs:
@@ -202,23 +201,3 @@ def foreground_batch(model: SegModel, fs: list[ImageFeatures], device: torch.dev
     hard, soft = hard.cpu().numpy(), soft.cpu().numpy()
     return [(hard[i, : counts[i]].reshape(f.grid), soft[i, : counts[i]].reshape(f.grid), image[i][0])
             for i, f in enumerate(fs)]
-
-
-def crop_batch(rgb: torch.Tensor, boxes: list[tuple[int, int, int, int]], side: int, mean, std) -> torch.Tensor:
-    """Region crops of one (3, H, W) uint8 image tensor (on any device), each resized to side x side
-    (bicubic, antialiased) and normalised: the (n, 3, side, side) input of the crop forward.
-
-    ``boxes``: (y0, y1, x0, x1) half-open pixel boxes, as :func:`segcli.regions.region_boxes` gives them.
-    """
-    m = torch.tensor(mean, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
-    out = []
-    for y0, y1, x0, x1 in boxes:
-        c = rgb[None, :, y0:y1, x0:x1].float()
-        if c.shape[-2:] != (side, side):
-            c = F.interpolate(c, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-            c = c.round_().clamp_(0, 255)  # PIL's resize returns uint8
-        out.append(c)
-    if not out:
-        return torch.zeros((0, 3, side, side), device=rgb.device)
-    return (torch.cat(out) / 255.0 - m) / s

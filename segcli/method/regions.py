@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 
@@ -117,3 +119,23 @@ def pooled_embeddings(regions: np.ndarray, n: int, feats: np.ndarray) -> np.ndar
             v = flat[min(int(cy * h / H), h - 1) * w + min(int(cx * w / W), w - 1)]
         out[r - 1] = v / max(np.linalg.norm(v), 1e-12)
     return out
+
+
+def crop_batch(rgb: torch.Tensor, boxes: list[tuple[int, int, int, int]], side: int, mean, std) -> torch.Tensor:
+    """Region crops of one (3, H, W) uint8 image tensor (on any device), each resized to side x side
+    (bicubic, antialiased) and normalised: the (n, 3, side, side) input of the crop forward.
+
+    ``boxes``: (y0, y1, x0, x1) half-open pixel boxes, as :func:`segcli.method.regions.region_boxes` gives them.
+    """
+    m = torch.tensor(mean, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
+    out = []
+    for y0, y1, x0, x1 in boxes:
+        c = rgb[None, :, y0:y1, x0:x1].float()
+        if c.shape[-2:] != (side, side):
+            c = F.interpolate(c, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+            c = c.round_().clamp_(0, 255)  # PIL's resize returns uint8
+        out.append(c)
+    if not out:
+        return torch.zeros((0, 3, side, side), device=rgb.device)
+    return (torch.cat(out) / 255.0 - m) / s

@@ -2,12 +2,12 @@
 
 Containers (how the bytes are read): safetensors; PyTorch zip/legacy pickles through
 ``torch.load(weights_only=True)``, and zip pickles that it refuses (Lightning / omegaconf objects) through
-:mod:`~segcli.checkpoints.safe_pickle`, which imports and runs nothing named in the file; flax msgpack through
-:mod:`~segcli.checkpoints.flax_msgpack` (msgpack + numpy, no JAX).
+:mod:`~segcli.vit.checkpoints.safe_pickle`, which imports and runs nothing named in the file; flax msgpack through
+:mod:`~segcli.vit.checkpoints.flax_msgpack` (msgpack + numpy, no JAX).
 
 Layouts (what the tensors mean), tried in this order on the content, never the file name:
-:mod:`~segcli.checkpoints.stego`, :mod:`~segcli.checkpoints.leopart`, :mod:`~segcli.checkpoints.loca`, and
-:mod:`~segcli.checkpoints.vit` (official DINO / DINOv2 / DINOv3, timm state dicts, safetensors).
+:mod:`~segcli.vit.checkpoints.stego`, :mod:`~segcli.vit.checkpoints.leopart`, :mod:`~segcli.vit.checkpoints.loca`, and
+:mod:`~segcli.vit.checkpoints.vit` (official DINO / DINOv2 / DINOv3, timm state dicts, safetensors).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from segcli.checkpoints import leopart, loca, stego, vit
-from segcli.checkpoints.base import Checkpoint, first_line
-from segcli.checkpoints.flax_msgpack import looks_like_msgpack, read_msgpack_tree
-from segcli.checkpoints.safe_pickle import RefusedGlobal, load_zip_checkpoint
+from segcli.vit.checkpoints import leopart, loca, stego, vit
+from segcli.vit.checkpoints.base import Checkpoint, first_line
+from segcli.vit.checkpoints.flax_msgpack import looks_like_msgpack, read_msgpack_tree
+from segcli.vit.checkpoints.safe_pickle import RefusedGlobal, load_zip_checkpoint
 from segcli.errors import ModelError
 
 __all__ = ["Checkpoint", "LAYOUTS", "open_checkpoint", "read_checkpoint"]

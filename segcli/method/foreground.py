@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segcli.kmeans import KMeans, assign_nearest
+from segcli.method.kmeans import KMeans, assign_nearest
 
 # Two clusters whose mean normalised attention differs by less than this are tied on attention.
 ATTENTION_TIE = 0.05
@@ -109,7 +109,7 @@ def image_level_clusters(feats: np.ndarray, attn: np.ndarray, k: int, seed: int)
 
 # Steepness of the vote-to-probability map: half a (unit) vote from the threshold gives p = 0.25 / 0.75, so
 # the CRF sees confident but not certain unaries it can still correct.
-_SOFT_SLOPE_VOTES = float(np.log(3.0) / 0.5)
+SOFT_SLOPE_VOTES = float(np.log(3.0) / 0.5)
 # --prior vote: weight of MaskDistill's proposal among the three unit-weight level votes. Any weight strictly
 # between 1 and 2 gives the same decisions: with --fusion majority a 2-2 tie goes the proposal's way (3 of 4
 # otherwise); any/all are unchanged (one vote / all four).
@@ -155,5 +155,5 @@ def fuse(masks: list[np.ndarray], rule: str = "majority", weights: list[float] |
     votes = np.sum([wi * np.asarray(m, dtype=np.float32) for wi, m in zip(w, masks)], axis=0)
     lose, win = vote_threshold(w, rule)
     hard = votes >= win - 1e-6
-    soft = 1.0 / (1.0 + np.exp(-_SOFT_SLOPE_VOTES * (votes - (lose + win) / 2.0)))
+    soft = 1.0 / (1.0 + np.exp(-SOFT_SLOPE_VOTES * (votes - (lose + win) / 2.0)))
     return hard, soft.astype(np.float32)

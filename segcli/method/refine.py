@@ -1,6 +1,6 @@
 """Dense-CRF mean-field in torch on a sparse bilateral grid (DESIGN step 7), on any device, for L labels.
 
-Why: the exact dense CRF (pydensecrf, :mod:`segcli.crf`) costs ~2.5 us per pixel and iteration on one CPU
+Why: the exact dense CRF (pydensecrf, :mod:`segcli.method.crf`) costs ~2.5 us per pixel and iteration on one CPU
 core and has no GPU path, so segcli ran it with the long side reduced to 160 px, which rounds every
 boundary to ~3-px steps: about 3 IoU and 9 boundary-F points below the full-size CRF on VOC with noisy
 patch masks (``benchmarks/bench_refine.py``). This refiner runs the same model -- Potts energy, unaries
@@ -22,7 +22,7 @@ by the working size whatever the input, as for ``--work-max-side``.
 
 Core API: :func:`refine_probs` takes (L, H, W) probabilities (any L >= 2) and returns (L, H, W) marginals;
 :func:`refine_foreground_torch` is the 2-label foreground case (label 1 = ``fg_prob``), with the same tie
-rule as :func:`segcli.crf.refine_foreground` (foreground only where its marginal is strictly larger).
+rule as :func:`segcli.method.crf.refine_foreground` (foreground only where its marginal is strictly larger).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from segcli.config import REFINE_METHODS
-from segcli.crf import CRFParams  # the dense CRF's parameters, in one place (pydensecrf itself is imported lazily)
+from segcli.method.crf import CRFParams  # the dense CRF's parameters, in one place (pydensecrf itself is imported lazily)
 
 __all__ = ["REFINE_METHODS", "RefineParams", "refine_probs", "refine_labels", "refine_foreground_torch", "refine_mask",
            "RefineFallbackWarning"]
@@ -47,7 +47,7 @@ _DENSE_VERTICES = 1 << 22  # (cell, colour) table size up to which grid neighbou
 
 @dataclass(frozen=True)
 class RefineParams:
-    """Kernel widths in full-size pixels and 0-255 colour levels: :class:`segcli.crf.CRFParams`' energy, plus the
+    """Kernel widths in full-size pixels and 0-255 colour levels: :class:`segcli.method.crf.CRFParams`' energy, plus the
     bilateral grid's own resolution (which stands in for the colour width ``bilateral_srgb``)."""
 
     iterations: int = CRFParams.iterations
@@ -307,7 +307,7 @@ def _available(method: str) -> str:
     if method not in REFINE_METHODS:
         raise ValueError(f"unknown refinement method {method!r}; use one of {', '.join(REFINE_METHODS)}")
     if method == "densecrf":
-        from segcli.crf import INSTALL_HINT, crf_available
+        from segcli.method.crf import INSTALL_HINT, crf_available
 
         if not crf_available():
             _warn_fallback_once(INSTALL_HINT)
@@ -327,7 +327,7 @@ def refine_mask(rgb: np.ndarray, fg_prob: np.ndarray, method: str, iterations: i
     if method == "none":
         return np.asarray(fg_prob) > 0.5
     if method == "densecrf":
-        from segcli.crf import CRFParams, refine_foreground_scaled
+        from segcli.method.crf import CRFParams, refine_foreground_scaled
 
         return refine_foreground_scaled(rgb, fg_prob, CRFParams(iterations=iterations), crf_max_side)
     return refine_foreground_torch(rgb, fg_prob, RefineParams(iterations=iterations), device)
@@ -341,7 +341,7 @@ def refine_label_map(rgb: np.ndarray, probs: np.ndarray, method: str, iterations
     if method == "none":
         return np.asarray(probs).argmax(0)
     if method == "densecrf":
-        from segcli.crf import CRFParams, refine_labels_scaled
+        from segcli.method.crf import CRFParams, refine_labels_scaled
 
         return refine_labels_scaled(rgb, probs, CRFParams(iterations=iterations), crf_max_side)
     return refine_labels(rgb, probs, RefineParams(iterations=iterations), device)

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from segcli.checkpoints.base import Checkpoint, block_count, first_line, tensor_dict
+from segcli.vit.checkpoints.base import Checkpoint, block_count, first_line, tensor_dict
 from segcli.errors import ModelError
 
 __all__ = ["fit_state_dict", "infer_arch", "parse", "strip_to_backbone"]
@@ -48,7 +48,7 @@ def system_of(sd: dict[str, torch.Tensor]) -> str:
 
 def infer_arch(sd: dict[str, torch.Tensor]) -> str | None:
     """The timm model (with its pretrained tag, for the input normalisation) whose shapes these tensors have."""
-    from segcli.compat import import_timm
+    from segcli.vit.compat import import_timm
 
     pe = sd.get("patch_embed.proj.weight")
     if pe is None or pe.ndim != 4 or int(pe.shape[0]) not in _SIZES:

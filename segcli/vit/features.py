@@ -14,7 +14,7 @@ descriptor is the mean of the final-norm patch tokens (timm's ``global_pool='avg
 served as saliency we use a training-free substitute, :func:`pca_saliency` (the image's first principal
 component of its patch features, oriented away from the image border).
 
-Model loading lives in :mod:`segcli.backbone`; this module only needs a loaded backbone.
+Model loading lives in :mod:`segcli.vit.backbone`; this module only needs a loaded backbone.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:  # pragma: no cover
-    from segcli.backbone import Backbone
+    from segcli.vit.backbone import Backbone
 
 from segcli.config import FEATURE_KINDS as KINDS  # noqa: E402  (one list, shared with the config)
-from segcli.proposal import object_proposals  # noqa: E402
+from segcli.method.proposal import object_proposals  # noqa: E402
+from segcli.vit.preprocess import resize_normalise  # noqa: E402
 
 
 @dataclass
@@ -45,7 +46,7 @@ class FeatureBatch:
     attn:  (B, h, w) CLS-to-patch attention of the last block, averaged over heads.  The softmax runs over
         all tokens (prefix tokens included) and the prefix columns are then dropped, so every map sums to
         at most 1.  Without a CLS token: :func:`pca_saliency` (non-negative, sums to 1).
-    proposal: (B, h, w) bool MaskDistill object proposal (:mod:`segcli.proposal`), None for a model
+    proposal: (B, h, w) bool MaskDistill object proposal (:mod:`segcli.method.proposal`), None for a model
         without a CLS token.
     """
 
@@ -185,7 +186,7 @@ def compute_features(backbone: "Backbone", batch: torch.Tensor, kind: str = "key
     """Run the backbone once on a normalised batch (B, 3, H, W) and build its :class:`FeatureBatch`.
 
     H and W should be multiples of the patch size; any remainder rows/columns (bottom/right) are cropped.
-    ``proposal_heads``: heads averaged for the proposal's CLS row (:func:`segcli.proposal.object_proposal`).
+    ``proposal_heads``: heads averaged for the proposal's CLS row (:func:`segcli.method.proposal.object_proposal`).
     """
     check_kind(kind)
     if kind == "code" and getattr(backbone, "head", None) is None:
@@ -285,11 +286,10 @@ def embed_crops(
     (the mean patch token for ViTs without a CLS token).
 
     A crop may also be a (3, side, side) tensor already resized and normalised, on any device (the device
-    path's crops, :func:`segcli.batched.crop_batch`).
+    path's crops, :func:`segcli.method.regions.crop_batch`).
 
     ``size`` is rounded to a multiple of the patch size (at least one patch).
     """
-    from segcli.backbone import resize_normalise  # local: backbone imports this module
 
     n = len(crops)
     out = np.zeros((n, backbone.embed_dim), dtype=np.float32)
