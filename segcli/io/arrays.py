@@ -23,11 +23,11 @@ class ArrayCheckError(ValueError):
 class ArraySpec:
     """One expected array.
 
-    shape:   ints are fixed sizes, strings are named sizes shared between arrays (and with ``dims``).
-    dtypes:  exact dtype names allowed (e.g. ``("float16",)``); None = any real number type (integers or floats,
-             not bool, complex or text).
-    optional: the array may be absent.
-    finite:  float values must all be finite.
+    - ``shape``: ints are fixed sizes, strings are named sizes shared between arrays (and with ``dims``).
+    - ``dtypes``: exact dtype names allowed (e.g. ``("float16",)``); None = any real number type (integers or
+      floats, not bool, complex or text).
+    - ``optional``: the array may be absent.
+    - ``finite``: float values must all be finite.
     """
 
     shape: tuple[int | str, ...]

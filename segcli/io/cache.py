@@ -2,14 +2,14 @@
 
 Format (one ``.npz`` per image, written atomically, read with ``allow_pickle=False``):
 
-=========  ==============  =========  ==========================================================
-array      shape           dtype      meaning
-=========  ==============  =========  ==========================================================
-``feats``  (h, w, D)       float16    patch features on the patch grid, L2-normalised per patch
-``cls``    (C,)            float32    the image's CLS token (used to find its category)
-``attn``   (h, w)          float16    CLS-to-patch attention averaged over heads (saliency)
-``proposal`` (h, w)        bool       MaskDistill's object proposal (:mod:`segcli.method.proposal`); optional
-=========  ==============  =========  ==========================================================
+============  ==============  =========  ==========================================================
+array         shape           dtype      meaning
+============  ==============  =========  ==========================================================
+``feats``     (h, w, D)       float16    patch features on the patch grid, L2-normalised per patch
+``cls``       (C,)            float32    the image's CLS token (used to find its category)
+``attn``      (h, w)          float16    CLS-to-patch attention averaged over heads (saliency)
+``proposal``  (h, w)          bool       MaskDistill's object proposal (:mod:`segcli.method.proposal`); optional
+============  ==============  =========  ==========================================================
 
 The backbone cache lives under ``<cache>/features/<namespace>/<sha[:2]>/<sha>.npz`` where ``sha`` is the
 SHA-256 of the image file and ``namespace`` hashes backbone, weights and input settings: a second run on

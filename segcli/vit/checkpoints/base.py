@@ -14,15 +14,16 @@ __all__ = ["Checkpoint", "first_line", "tensor_dict"]
 class Checkpoint:
     """A checkpoint file, understood: which system made it, its ViT, and the system's own unsupervised head.
 
-    state_dict: the backbone's tensors with wrapper prefixes stripped (timm or the official DINO/DINOv2/DINOv3
-        naming; timm's own conversion runs when the model is filled).
-    arch: the timm architecture read from the tensor shapes (None when the shapes match none).
-    build: extra ``timm.create_model`` keyword arguments the layout needs (e.g. LOCA: no CLS token, tanh GELU).
-    pos_interp: how the absolute position grid is resized for other input sizes (None: timm's bicubic;
-        'bilinear': JAX's ``jax.image.resize``, as LOCA does).
-    head: the system's own feature head (STEGO: the 'code' projection), an ``nn.Module`` or None.
-    probe: the system's own unsupervised cluster centroids in head space (STEGO's cluster probe) or None.
-    feature: the patch features the system itself evaluates with (the default ``--feature``).
+    - ``state_dict``: the backbone's tensors with wrapper prefixes stripped (timm or the official
+      DINO/DINOv2/DINOv3 naming; timm's own conversion runs when the model is filled).
+    - ``arch``: the timm architecture read from the tensor shapes (None when the shapes match none).
+    - ``build``: extra ``timm.create_model`` keyword arguments the layout needs (e.g. LOCA: no CLS token, tanh
+      GELU).
+    - ``pos_interp``: how the absolute position grid is resized for other input sizes (None: timm's bicubic;
+      'bilinear': JAX's ``jax.image.resize``, as LOCA does).
+    - ``head``: the system's own feature head (STEGO: the 'code' projection), an ``nn.Module`` or None.
+    - ``probe``: the system's own unsupervised cluster centroids in head space (STEGO's cluster probe) or None.
+    - ``feature``: the patch features the system itself evaluates with (the default ``--feature``).
     """
 
     system: str
