@@ -1,4 +1,4 @@
-"""Host work per image of the device-resident path (README "Keeping an accelerator busy").
+"""Host work per image of the device-resident path (docs/performance.md, "The device-resident path").
 
     python benchmarks/bench_host.py [--images DIR] [--masks DIR] [--json FILE]
 

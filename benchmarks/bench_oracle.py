@@ -14,7 +14,7 @@ backbone, with a documented generator (``tests/synthetic.py: features_from_label
 - **Noise.** Gaussian noise of total norm about ``--noise`` (per-dimension std noise/sqrt(D)), then L2
   normalisation per patch. Default 1.25: the level at which plain k-means on CamVid lands near the "about
   67 mIoU" that issue 14 measured for such features (noise 1.0 gives it 72.8, 1.5 gives 62.6); lower noise
-  favours the k-means floor, higher noise favours segcli, so the README reports several levels.
+  favours the k-means floor, higher noise favours segcli, so docs/evaluation.md reports several levels.
 - **Attention.** Things draw ``--thing-attention`` (default 4) times the CLS attention of stuff, times a
   log-normal factor exp(0.25 N(0, 1)) per patch. Things and stuff are those of segcli's dataset presets
   (``segcli.evaluate.presets``; VOC: background is stuff, the 20 objects are things).

@@ -99,7 +99,7 @@ _URI = dict(parser=parse_option, metavar="PATH|URI")
 
 # ---------------------------------------------------------------- options shared by segment and cluster-dataset
 Backbone = Annotated[Optional[str], typer.Option("--backbone", "-b", help=f"timm model name or alias (dino-s16, dino-s8, dino-b16, dino-b8, dinov2-s14, dinov2-s14-reg). Default {DEFAULT_BACKBONE}.", rich_help_panel="Backbone")]
-Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint: DINO/DINOv2/DINOv3 .pth, timm state dict, .safetensors, Leopart .ckpt, STEGO .ckpt or LOCA (flax msgpack); recognised by content, its architecture is read from the file when --backbone is not given (see weights/README.md). Default: timm's pretrained weights (HF cache, torch hub checkpoints folder, else download).", rich_help_panel="Backbone")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint: DINO/DINOv2/DINOv3 .pth, timm state dict, .safetensors, Leopart .ckpt, STEGO .ckpt or LOCA (flax msgpack); recognised by content, its architecture is read from the file when --backbone is not given (see docs/checkpoints.md). Default: timm's pretrained weights (HF cache, torch hub checkpoints folder, else download).", rich_help_panel="Backbone")]
 Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|mps", rich_help_panel="Backbone")]
 Precision = Annotated[str, typer.Option("--precision", help="auto|fp32|bf16|fp16 backbone arithmetic (autocast). auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32.", rich_help_panel="Backbone")]
 ShortSide = Annotated[int, typer.Option("--short-side", help="Backbone input short side (aspect kept, multiple of the patch).", rich_help_panel="Backbone")]
@@ -115,7 +115,7 @@ DevicePath = Annotated[Optional[bool], typer.Option("--device-path/--host-path",
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default: the number of thing classes, k-1, or k-N with --stuff N).", rich_help_panel="Method")]
-Stuff = Annotated[int, typer.Option("--stuff", help="Label the background with N stuff classes: ids 0..N-1 stuff, N..k-1 things (--k counts both); 0 = one background class. Presets: README.", rich_help_panel="Method")]
+Stuff = Annotated[int, typer.Option("--stuff", help="Label the background with N stuff classes: ids 0..N-1 stuff, N..k-1 things (--k counts both); 0 = one background class. Presets: docs/method.md (Scenes).", rich_help_panel="Method")]
 Fusion = Annotated[str, typer.Option("--fusion", help="Foreground where majority (2 of 3) | all | any of the levels agree.", rich_help_panel="Method")]
 Prior = Annotated[str, typer.Option("--prior", help="Foreground prior: levels (the three clustering levels) | maskdistill (MaskDistill's object proposal alone) | vote (the proposal as a fourth vote; a 2-2 majority tie goes its way).", rich_help_panel="Method")]
 ProposalHeads = Annotated[int, typer.Option("--proposal-heads", help="Heads whose CLS row the MaskDistill proposal averages (the first N; 0 = all). 5 = MaskDistill's ViT-S/16 setting.", rich_help_panel="Method")]
@@ -131,12 +131,12 @@ MinRegionPx = Annotated[int, typer.Option("--min-region-px", help="A component o
 MaxSamples = Annotated[int, typer.Option("--max-samples", help="Patches sampled from the dataset for each k-means fit (memory bound).", rich_help_panel="Method")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice: same seed, same masks.", rich_help_panel="Method")]
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Feature/region cache folder (default $SEGCLI_CACHE or ~/.cache/segcli); may be an s3:// or gs:// URI.", rich_help_panel="Input", **_URI)]
-Features = Annotated[Optional[Path], typer.Option("--features", help="Use precomputed features DIR/<key>.npz instead of a backbone (format: README).", rich_help_panel="Input", **_URI)]
+Features = Annotated[Optional[Path], typer.Option("--features", help="Use precomputed features DIR/<key>.npz instead of a backbone (format: docs/usage.md, Bring your own features).", rich_help_panel="Input", **_URI)]
 Split = Annotated[Optional[str], typer.Option("--split", help="For a VOC layout: the ImageSets/Segmentation list to use (e.g. val).", rich_help_panel="Input")]
 Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here.", rich_help_panel="Output", **_URI)]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finished masks of the same model in the output folder.", rich_help_panel="Output")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
-Engine = Annotated[str, typer.Option("--engine", help="local (this process) | ray (Ray Data: backbone actors and per-image tasks on a Ray cluster; needs the ray extra; README: Running on a cluster). Same masks and model either way.", rich_help_panel="Engine")]
+Engine = Annotated[str, typer.Option("--engine", help="local (this process) | ray (Ray Data: backbone actors and per-image tasks on a Ray cluster; needs the ray extra; docs/scale.md, Running on a cluster). Same masks and model either way.", rich_help_panel="Engine")]
 Address = Annotated[Optional[str], typer.Option("--address", help="--engine ray: the cluster to join (auto, HOST:6379, ray://HOST:10001); default: a private local cluster on 127.0.0.1, started for the run and stopped at its end.", rich_help_panel="Engine")]
 GpusPerWorker = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="--engine ray: GPUs each backbone actor reserves (fractions share a GPU; default 1 when the cluster has GPUs and --device allows them, else 0).", rich_help_panel="Engine")]
 CpusPerWorker = Annotated[float, typer.Option("--cpus-per-worker", help="--engine ray: CPUs each backbone actor reserves (per-image tasks take 1 each).", rich_help_panel="Engine")]
@@ -334,7 +334,7 @@ def _finish(command: str, summary, out: Path | None, started: float) -> None:
 @handle_errors
 @with_shared_options
 def segment(
-    images: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout, or a .txt list of paths; or an s3:// / gs:// prefix (README: Data in object stores).", **_URI)],
+    images: Annotated[Path, typer.Argument(help="Folder of images (recursive), VOC layout, or a .txt list of paths; or an s3:// / gs:// prefix (docs/scale.md, Data in object stores).", **_URI)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the label PNGs (same relative paths and stems); may be an s3:// or gs:// URI.", rich_help_panel="Output", **_URI)],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Fitted model from cluster-dataset (a path or an s3:// / gs:// URI); without it segment fits on its own input first.", rich_help_panel="Method", **_URI)] = None,
     **opts,

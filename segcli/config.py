@@ -31,7 +31,7 @@ REFINE_METHODS = ("densecrf", "meanfield", "none")
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    # Backbone input (DESIGN 2.1): aspect kept, short side resized, long side capped, multiples of the patch.
+    # Backbone input (docs/method.md, "Each stage": input and backbone): aspect kept, short side resized, long side capped, multiples of the patch.
     backbone: str = DEFAULT_BACKBONE
     short_side: int = 448
     max_side: int = 1344
@@ -39,7 +39,7 @@ class SegmentConfig:
     # Working resolution for CRF and regions; larger inputs are processed downscaled and the mask is
     # upsampled (nearest) to the full size at the end, so an 8000x6000 photo costs what a 2048 one does.
     work_max_side: int = 2048
-    # Classes (background included) and the three clustering levels (DESIGN 2.3-2.6).
+    # Classes (background included) and the three clustering levels (docs/method.md, "Each stage").
     k: int = 21
     # Stuff classes (--stuff N): ids 0..N-1 label the background's stuff, N..k-1 the things; 0 = one background.
     stuff: int = 0
@@ -49,11 +49,11 @@ class SegmentConfig:
     image_k: int = 2
     fusion: str = "majority"
     max_samples: int = 100_000
-    # Foreground prior (README "Foreground prior"): levels | maskdistill | vote, and the number of heads
+    # Foreground prior (docs/method.md, Foreground prior): levels | maskdistill | vote, and the number of heads
     # whose CLS row the MaskDistill proposal averages (5 = MaskDistill's ViT-S/16 setting; 0 = all).
     prior: str = "levels"
     proposal_heads: int = 5
-    # Refinement (DESIGN 2.7).
+    # Refinement (docs/method.md, Refinement).
     crf: bool = True
     # Which refiner (segcli.method.refine.REFINE_METHODS): the exact dense CRF (pydensecrf) at crf_max_side, or the
     # coarse-to-fine torch mean-field (GPU when the run has one); crf=False (--no-crf) means "none".
@@ -62,11 +62,11 @@ class SegmentConfig:
     # The CRF runs with the long side reduced to this (kernels scaled alike), then is upsampled: at full
     # size it costs ~3 ViT-S/16 forward passes per VOC image on a CPU. 0 = full size.
     crf_max_side: int = 160
-    # Regions (DESIGN 2.8): components smaller than min(min_region_frac * image area, min_region_px) go.
+    # Regions (docs/method.md, "Each stage": regions): components smaller than min(min_region_frac * image area, min_region_px) go.
     regions: str = "components"
     min_region_frac: float = 0.01
     min_region_px: int = 400
-    # Class assignment (DESIGN 2.9 / 2.10).
+    # Class assignment (docs/method.md, "Each stage": classes; parts: Leopart's row of the seed-system table).
     assign: str = "cls"
     class_method: str = "kmeans"
     crop_size: int = 224

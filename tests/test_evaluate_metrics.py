@@ -1,4 +1,4 @@
-"""Hand-computed answers for the evaluation protocol (DESIGN.md section 3) on tiny label images."""
+"""Hand-computed answers for the evaluation protocol (docs/evaluation.md) on tiny label images."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The device engine: the region pass of a batch of images at once, on the backbone's device.
 
 On a GPU the backbone forward is far cheaper than the per-image host work after it, so the per-image path
-itself moves to the device (README "Keeping an accelerator busy", device-resident path): the foreground step
+itself moves to the device (docs/performance.md, "The device-resident path"): the foreground step
 of a whole batch runs as tensor operations (:func:`segcli.method.batched.foreground_batch`), the refinement runs
 on the device (the torch mean-field of :mod:`segcli.method.refine`), and region crops are cut and resized there
 (:func:`segcli.method.regions.crop_batch`) and go to the crop forward without a round trip through the host.

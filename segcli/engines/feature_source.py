@@ -129,7 +129,7 @@ class FeatureSource:
     def features(self, items: Iterable[ImageItem]) -> Iterator[tuple[ImageItem, ImageFeatures | BadImageError]]:
         """Features of each item in input order, or the error that makes it unusable.
 
-        The schedule (README "Keeping an accelerator busy"): cached features are read in this thread; images
+        The schedule (docs/performance.md, "Keeping an accelerator busy"): cached features are read in this thread; images
         that need the backbone are decoded and preprocessed by ``decode_workers`` background threads, ahead of
         the device, while the device stage runs; the decoded inputs are bucketed by backbone input shape over
         a lookahead window of ``lookahead`` images (bounded memory whatever the dataset size), and a bucket
@@ -226,7 +226,7 @@ class FeatureSource:
         lacking = [p for p in (self.folder.path(i.key) for i in items) if storage.is_file(p) and not has_proposal(p)]
         if lacking:
             raise InputError(f"--prior {self.config.prior} needs a 'proposal' array in every --features file, but "
-                             f"{len(lacking)} of {len(items)} lack it (e.g. {lacking[0]}); add it (README: Bring your "
+                             f"{len(lacking)} of {len(items)} lack it (e.g. {lacking[0]}); add it (docs/usage.md: Bring your "
                              "own features) or use --prior levels")
 
     def _fix_dims(self, f: ImageFeatures) -> ImageFeatures:

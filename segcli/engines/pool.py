@@ -4,7 +4,7 @@ Why processes: the per-image steps after the features (fusion, k-means of the im
 regions, label maps, PNG encoding) are numpy/torch/PIL code that holds the GIL for much of its time, so
 threads would not scale; the device stage (backbone and crop forwards) stays in the main process.
 
-Guarantees (README "Keeping an accelerator busy"):
+Guarantees (docs/performance.md, "The worker pool"):
 
 * **Same results as in-process.** A task is a plain module-level function ``fn(context, *args)``; the
   context (the fitted model and the settings) is pickled once and handed to every worker by the pool's

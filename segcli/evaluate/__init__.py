@@ -1,4 +1,4 @@
-"""`segcli evaluate`: score predicted label PNGs against ground truth (DESIGN.md section 3).
+"""`segcli evaluate`: score predicted label PNGs against ground truth (docs/evaluation.md).
 
 Python use::
 

@@ -96,7 +96,7 @@ def evaluate(
     config: EvaluationConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvaluationResult:
-    """Score the label PNGs in ``pred_dir`` against the ground truth ``gt`` (DESIGN.md section 3).
+    """Score the label PNGs in ``pred_dir`` against the ground truth ``gt`` (docs/evaluation.md).
 
     ``progress(done, total)`` is called after each batch of images. Raises :class:`segcli.errors.InputError`
     for missing / mismatched / unreadable files and :class:`segcli.errors.UsageError` for bad options.

@@ -9,7 +9,7 @@ two sides:
   ``gs://bucket/key``): served by fsspec and its s3fs / gcsfs backends, imported on first use only (the
   optional extra ``segcli[cloud]``). Credentials and endpoints come from the backends' own environment
   (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``...) or from
-  fsspec's configuration (``FSSPEC_S3_ENDPOINT_URL``, ``~/.config/fsspec/``); see the README, "Data in object
+  fsspec's configuration (``FSSPEC_S3_ENDPOINT_URL``, ``~/.config/fsspec/``); see docs/scale.md, "Data in object
   stores".
 
 Atomicity: a local file is written to a hidden temp file and renamed over the target. An object is built in
@@ -189,9 +189,9 @@ def _reason(exc: BaseException, path: ObjectPath, fs) -> str:  # noqa: ANN001
     text = " ".join(str(exc).split()) or type(exc).__name__
     if "NoCredentialsError" in kinds or "Unable to locate credentials" in text:
         return ("no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE; "
-                "README: Data in object stores)")
+                "docs/scale.md: Data in object stores)")
     if kinds & {"DefaultCredentialsError", "RefreshError"}:
-        return f"no usable Google credentials ({text}; set GOOGLE_APPLICATION_CREDENTIALS; README: Data in object stores)"
+        return f"no usable Google credentials ({text}; set GOOGLE_APPLICATION_CREDENTIALS; docs/scale.md: Data in object stores)"
     if kinds & {"EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ServerTimeoutError",
                 "ConnectionError"}:
         where = " and AWS_ENDPOINT_URL" if path.scheme == "s3" else ""

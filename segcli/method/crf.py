@@ -1,4 +1,4 @@
-"""Dense CRF refinement: two labels for the foreground map (DESIGN step 7), L labels for the stuff map.
+"""Dense CRF refinement: two labels for the foreground map (docs/method.md, Refinement), L labels for the stuff map.
 
 The CRF is the fully connected CRF of Krahenbuhl & Koltun (``pydensecrf``; on Python 3.11 install it as
 ``pip install pydensecrf2``, which imports as ``pydensecrf``). Defaults are the STEGO / MaskContrast values:

@@ -1,4 +1,4 @@
-"""Foreground masks from three clustering levels and their fusion (DESIGN steps 3-6).
+"""Foreground masks from three clustering levels and their fusion (docs/method.md, "Each stage": the three levels, which cluster is foreground, fusion).
 
 A k-means cluster of patch features is not yet "foreground" or "background": it is labelled by how much
 the CLS token attends to its patches (salient objects draw attention) and, when two clusters draw about

@@ -1,4 +1,4 @@
-"""One k-means interface for the whole pipeline (DESIGN steps 3-5, 9 and 10).
+"""One k-means interface for the whole pipeline (docs/method.md, "Each stage": the levels, classes, parts and k-means).
 
 :class:`KMeans` fits with one of four interchangeable engines and always *predicts* in numpy, so a model
 gives the same labels whichever engine fitted it (and a model loaded from a file needs no engine at all:
@@ -9,7 +9,7 @@ Engines (``backend=``):
 ``"numpy"``
     Lloyd's algorithm with greedy k-means++ seeding (scikit-learn's variant), written here, stopping as
     soon as no label changes, with numpy's BLAS limited to one thread while it runs. Per-image clustering
-    (DESIGN step 5: ~1000-3000 patches, k=2) runs once per image, and at that size library overhead
+    (the image level of docs/method.md: ~1000-3000 patches, k=2) runs once per image, and at that size library overhead
     dominates. Measured for 1000x384, k=2, n_init=3 on 2 shared CPU cores (load ~3, best of 15): numpy
     6 ms on two-cluster data (10 ms on structureless Gaussian noise, which needs more iterations);
     faiss 21 ms (115 ms); scikit-learn 155 ms (250 ms). At lower load: numpy ~5 ms, faiss 16 ms,
@@ -501,7 +501,7 @@ def _looks_normalised(X: np.ndarray) -> bool:
 def cluster_embeddings(
     X: np.ndarray, n_clusters: int, method: str = "kmeans", seed: int = 0
 ) -> np.ndarray:
-    """Cluster embeddings (region CLS tokens, DESIGN step 9) into ``n_clusters`` centres, float32 (k, d).
+    """Cluster embeddings (region CLS tokens: docs/method.md, "Each stage", classes) into ``n_clusters`` centres, float32 (k, d).
 
     ``method="kmeans"``: :class:`KMeans` centres (sorted by cluster size).
     ``method="spectral"``: scikit-learn ``SpectralClustering`` on a symmetric k-nearest-neighbour graph

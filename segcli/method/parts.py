@@ -1,4 +1,4 @@
-"""Merge over-clustered foreground parts into classes by community detection (DESIGN step 10).
+"""Merge over-clustered foreground parts into classes by community detection (docs/method.md: "Each stage", classes; Leopart in the seed-system table).
 
 Leopart's fully unsupervised step, without its ground-truth-tuned thresholds:
 

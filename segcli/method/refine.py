@@ -1,4 +1,4 @@
-"""Dense-CRF mean-field in torch on a sparse bilateral grid (DESIGN step 7), on any device, for L labels.
+"""Dense-CRF mean-field in torch on a sparse bilateral grid (docs/method.md, Refinement), on any device, for L labels.
 
 Why: the exact dense CRF (pydensecrf, :mod:`segcli.method.crf`) costs ~2.5 us per pixel and iteration on one CPU
 core and has no GPU path, so segcli ran it with the long side reduced to 160 px, which rounds every

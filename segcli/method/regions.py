@@ -1,4 +1,4 @@
-"""Object regions of a refined foreground mask and what describes each of them (DESIGN step 8-9)."""
+"""Object regions of a refined foreground mask and what describes each of them (docs/method.md, "Each stage": regions and classes)."""
 
 from __future__ import annotations
 
