@@ -225,6 +225,14 @@ def test_quoted_commands_parse(path):
     assert not wrong, f"{path.relative_to(ROOT)}:\n" + "\n".join(wrong)
 
 
+def test_readme_test_command_is_the_ci_command():
+    """The README's set-up command for the tests is exactly what CI runs (.ci/run), and so is contributing's."""
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line and not line.startswith("#")]
+    assert len(ci) == 1
+    assert ci[0].strip() in (ROOT / "README.md").read_text()
+    assert ci[0].strip() in (DOCS / "contributing.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ coverage
 
 def test_every_module_is_in_the_api_reference():
