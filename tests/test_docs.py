@@ -226,11 +226,12 @@ def test_quoted_commands_parse(path):
 
 
 def test_readme_test_command_is_the_ci_command():
-    """The README's set-up command for the tests is exactly what CI runs (.ci/run), and so is contributing's."""
+    """The set-up command for the tests in README.md, docs/install.md and docs/contributing.md is exactly what CI
+    runs (.ci/run)."""
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line and not line.startswith("#")]
     assert len(ci) == 1
-    assert ci[0].strip() in (ROOT / "README.md").read_text()
-    assert ci[0].strip() in (DOCS / "contributing.md").read_text()
+    for page in (ROOT / "README.md", DOCS / "install.md", DOCS / "contributing.md"):
+        assert ci[0].strip() in page.read_text(), page.name
 
 
 # ------------------------------------------------------------------------------------------------ coverage
