@@ -35,7 +35,7 @@ from segcli.foreground import PROPOSAL_VOTE_WEIGHT, _SOFT_SLOPE_VOTES, border_gr
 from segcli.kmeans import _first_distinct_rows, _kmeans_pp
 from segcli.model_file import SegModel
 
-MAX_ITER = 300  # KMeans' default max_iter (the image level's k-means uses the defaults)
+MAX_ITER = 100  # = segcli.kmeans.KMeans' default max_iter, which the per-image path uses: both paths stop alike
 KMEANS_MAX_SAMPLES = 100_000  # KMeans' default max_samples: larger images are subsampled, by the per-image path
 
 
