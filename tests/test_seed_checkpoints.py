@@ -165,8 +165,12 @@ def test_stego_code_through_the_cli(files, images, tmp_path, monkeypatch, layout
     path, (state, sd) = files[layout]
     bb, x, fb = capture_cli_features(monkeypatch, tmp_path, images, path)
     h, w = x.shape[2] // 8, x.shape[3] // 8
-    # DinoFeaturizer 'feat': DINO's final-norm tokens (DINO's own position resize), CLS dropped, then the code
-    code = stego_code(state, dino_forward(sd, x, heads=6), h, w)
+    # DinoFeaturizer 'feat': DINO's final-norm tokens (DINO's own position resize), CLS dropped, then the code;
+    # STEGO's evaluation averages it with the mirrored code of the mirrored image (issue 19 item 8)
+    plain = stego_code(state, dino_forward(sd, x, heads=6), h, w)
+    mirror = stego_code(state, dino_forward(sd, x.flip(-1), heads=6), h, w).flip(2)
+    code = (plain + mirror) / 2
+    assert float((F.normalize(plain, dim=-1) - fb.feats).abs().max()) > 1e-3  # the mirror pass is really used
     assert fb.feats.shape == (1, h, w, 70)
     assert_close(fb.feats, F.normalize(code, dim=-1))
 
