@@ -95,5 +95,5 @@ def check_tensor_sizes(obj, budget: int, label: str) -> None:
 
     for t in iter_tensors(obj):
         if dense_bytes(t) > budget:
-            raise ModelError(f"{label} has a tensor of shape {tuple(t.shape)} ({dense_bytes(t)} bytes) that the "
-                             f"{budget}-byte file cannot hold: refused before allocating it")
+            raise ModelError(f"{label} has a tensor of shape {tuple(t.shape)} ({dense_bytes(t)} bytes), more than the "
+                             f"file holds ({budget} bytes with 1 MiB of slack): refused before allocating it")
