@@ -410,3 +410,31 @@ def test_stego_head_shapes_are_checked_before_building(tmp_path):
     sd["net.cluster2.2.bias"] = torch.zeros(70)
     with pytest.raises(ModelError, match="malformed"):
         stego.parse({"state_dict": sd}, "weights file x")
+
+
+def test_stego_checkpoint_with_real_omegaconf(tmp_path):
+    """A STEGO checkpoint whose hyper_parameters hold a real omegaconf DictConfig (``save_hyperparameters()`` of
+    ``LitUnsupervisedSegmenter(n_classes, cfg)``), written in a child process so omegaconf is never imported
+    here; skipped where omegaconf is not installed (the ``test`` extra lists it)."""
+    writer = tmp_path / "write.py"
+    path = tmp_path / "stego-real.ckpt"
+    writer.write_text(
+        "import sys, torch\n"
+        "from omegaconf import OmegaConf\n"
+        "from tests.seed_checkpoints import stego_tensors, _STEGO_CFG\n"
+        f"state, _ = stego_tensors('{TINY}')\n"
+        "cfg = OmegaConf.create(dict(_STEGO_CFG, model_type='vit_tiny', pretrained_weights=None,\n"
+        "                            crop_types=['five'], nested={'lr': 5e-4}))\n"
+        "torch.save({'epoch': 5, 'global_step': 7000, 'pytorch-lightning_version': '1.6.3', 'state_dict': state,\n"
+        "            'callbacks': {\"ModelCheckpoint{'monitor': 'test/cluster/mIoU'}\": {'best_model_score': torch.tensor(0.4)}},\n"
+        "            'optimizer_states': [], 'lr_schedulers': [], 'hparams_name': 'kwargs',\n"
+        "            'hyper_parameters': {'n_classes': 27, 'cfg': cfg}}, sys.argv[1])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(writer), str(path)], capture_output=True, text=True, env=env, timeout=300)
+    if r.returncode != 0 and "No module named 'omegaconf'" in r.stderr:
+        pytest.skip("omegaconf is not installed (pip install -e '.[test]')")
+    assert r.returncode == 0, r.stderr
+    assert "omegaconf.dictconfig.DictConfig" in pickle_globals(path)
+    ck = open_checkpoint(path)
+    assert ck.system == "stego" and ck.head is not None and ck.probe.shape == (27, 70)
+    assert "omegaconf" not in sys.modules
