@@ -104,8 +104,15 @@ def kmeans_floor(items, sizes, preset, feat_dir: Path, out: Path, seed: int) -> 
         save_label_png(out / f"{key}.png", resize_labels(grid, sizes[key]).astype(np.uint8))
 
 
+IMAGE_N_INIT: int | None = None  # --image-n-init: the image level's k-means restarts (segcli's own otherwise)
+
+
 def run_segcli(images: Path, feat_dir: Path, out: Path, preset, cache: Path) -> float:
-    cmd = [sys.executable, "-m", "segcli", "segment", str(images), "--features", str(feat_dir), "--out", str(out),
+    launcher = ["-m", "segcli"]
+    if IMAGE_N_INIT is not None:  # the same CLI with segcli.method.foreground.IMAGE_LEVEL_N_INIT changed (issue 19 item 11)
+        launcher = ["-c", f"import runpy, segcli.method.foreground as f; f.IMAGE_LEVEL_N_INIT = {int(IMAGE_N_INIT)}; "
+                          "runpy.run_module('segcli', run_name='__main__')"]
+    cmd = [sys.executable, *launcher, "segment", str(images), "--features", str(feat_dir), "--out", str(out),
            *preset.segment_args, "--assign", "pooled", "--cache", str(cache), "--quiet"]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
@@ -156,9 +163,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--thing-attention", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-n-init", type=int, help="k-means restarts of the image level (default: segcli's, 1)")
     ap.add_argument("--work", type=Path, help="keep features and masks in this (new) folder instead of a temporary one")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
+    global IMAGE_N_INIT
+    IMAGE_N_INIT = args.image_n_init
 
     voc_images = args.voc / "images" if (args.voc / "images").is_dir() else args.voc / "JPEGImages"
     results = {}

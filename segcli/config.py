@@ -26,6 +26,9 @@ PRIORS = ("levels", "maskdistill", "vote")
 MAX_K = 256
 # Seeds reach numpy, scikit-learn (which needs < 2**32) and faiss, with small offsets added per level.
 MAX_SEED = 2**31 - 1
+# Fewest images per CLS-token category by default (Config.category_count): below it a category level is a
+# second image level.
+IMAGES_PER_CATEGORY = 10
 REFINE_METHODS = ("densecrf", "meanfield", "none")
 
 
@@ -44,7 +47,7 @@ class SegmentConfig:
     # Stuff classes (--stuff N): ids 0..N-1 label the background's stuff, N..k-1 the things; 0 = one background.
     stuff: int = 0
     dataset_k: int = 2
-    categories: int | None = None  # None: the number of thing classes (k - 1 without stuff)
+    categories: int | None = None  # None: the number of thing classes, at most one per IMAGES_PER_CATEGORY images
     category_k: int = 2
     image_k: int = 2
     fusion: str = "majority"
@@ -135,6 +138,18 @@ class SegmentConfig:
     def n_categories(self) -> int:
         # The category level groups images by the objects they show, so by default one group per thing class.
         return self.categories if self.categories is not None else self.n_things
+
+    def category_count(self, n_images: int) -> int:
+        """How many CLS-token categories a fit on ``n_images`` images uses.
+
+        ``--categories N``: N (at most one per image).  By default one per thing class, but never fewer than
+        IMAGES_PER_CATEGORY images per category: a category of one or two images is fitted on those images'
+        own patches, i.e. it is a second image level, and the 2-of-3 vote then counts the image level twice
+        (voc-mini, 11 images: fused fg IoU 0.859 with 11 categories vs 0.901 with 1, issue 19).
+        """
+        if self.categories is not None:
+            return max(1, min(self.categories, n_images))
+        return max(1, min(self.n_things, n_images // IMAGES_PER_CATEGORY))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -210,7 +210,7 @@ class Segmenter:
         attn, border, img = np.concatenate(s_attn), np.concatenate(s_border), np.concatenate(s_img)
         dataset = fit_level(feats, attn, border, cfg.level_clusters("dataset"), cfg.seed, cfg.max_samples)
         cls /= np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
-        n_cat = min(cfg.n_categories, n_images)
+        n_cat = cfg.category_count(n_images)
         cat_km = KMeans(n_cat, seed=cfg.seed, max_samples=cfg.max_samples).fit(cls)
         cat_of_image = cat_km.predict(cls)
         levels = []

@@ -11,8 +11,9 @@ Layouts written by :func:`save_checkpoint`:
   'dino'          official DINO .pth naming (a plain backbone state dict, like dino_deitsmall16_pretrain.pth);
                   for DINOv2 architectures the official DINOv2 naming (mask_token, register_tokens, pos_embed
                   with the CLS position, cls_token without it)
-  'dino-train'    a full DINO training checkpoint: {'teacher', 'student', 'optimizer', 'epoch', 'args'
-                  (argparse.Namespace), 'dino_loss'} with 'module.backbone.' prefixes and a DINO head
+  'dino-train'    a full DINO training checkpoint as main_dino.py writes it (:func:`dino_training_checkpoint`):
+                  teacher 'backbone.*', DDP student 'module.backbone.*', numpy float64 lr / weight_decay in the
+                  optimizer's param groups (pickle protocol 2), argparse.Namespace args, DINO head, dino_loss
   'timm'          a plain timm state dict (torch.save)
   'timm-wrapped'  {'state_dict': timm state dict + a 1000-class head, 'epoch': ...}
   'safetensors'   the timm state dict as .safetensors
@@ -96,26 +97,8 @@ def save_checkpoint(path: str | Path, layout: str, name: str = SMALL, seed: int 
         obj = _to_official_dinov2(sd, seed) if "dinov2" in name else dict(sd)
         torch.save(obj, path)
     elif layout == "dino-train":
-        dim = sd["cls_token"].shape[-1]
-        g = torch.Generator().manual_seed(seed + 1)
-        head = {
-            "head.mlp.0.weight": torch.randn(64, dim, generator=g),
-            "head.mlp.0.bias": torch.zeros(64),
-            "head.last_layer.weight_g": torch.ones(128, 1),
-            "head.last_layer.weight_v": torch.randn(128, 64, generator=g),
-        }
-        teacher = {f"module.backbone.{k}": v for k, v in sd.items()}
-        teacher.update({f"module.{k}": v for k, v in head.items()})
-        student = {k: v + 1.0 for k, v in teacher.items()}  # must not be the one that gets loaded
-        obj = {
-            "student": student,
-            "teacher": teacher,
-            "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "weight_decay": 0.04, "params": [0, 1]}]},
-            "epoch": 100,
-            "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005, data_path="/data"),
-            "dino_loss": {"center": torch.zeros(1, 128)},
-        }
-        torch.save(obj, path)
+        obj = dino_training_checkpoint(sd, seed)
+        torch.save(obj, path)  # torch's default pickle protocol 2, as DINO's utils.save_on_master
     elif layout == "timm":
         torch.save(sd, path)
     elif layout == "timm-wrapped":
@@ -129,6 +112,42 @@ def save_checkpoint(path: str | Path, layout: str, name: str = SMALL, seed: int 
 
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return sd
+
+
+def dino_training_checkpoint(sd: dict[str, torch.Tensor], seed: int = 0) -> dict:
+    """What DINO's main_dino.py saves (``checkpoint.pth``): the student is DistributedDataParallel-wrapped
+    (``module.backbone.*``, ``module.head.*``), the ViT teacher is not (``backbone.*``, ``head.*``); the optimizer
+    state is a real ``torch.optim.AdamW.state_dict()`` whose param groups hold the numpy float64 ``lr`` and
+    ``weight_decay`` DINO's loop assigns from its cosine schedules (``lr_schedule[it]``, group 0 only for the
+    weight decay); ``args`` is the argparse.Namespace; ``dino_loss`` holds the center buffer."""
+    import numpy as np
+
+    dim = sd["cls_token"].shape[-1]
+    g = torch.Generator().manual_seed(seed + 1)
+    head = {
+        "head.mlp.0.weight": torch.randn(64, dim, generator=g),
+        "head.mlp.0.bias": torch.zeros(64),
+        "head.last_layer.weight_g": torch.ones(128, 1),
+        "head.last_layer.weight_v": torch.randn(128, 64, generator=g),
+    }
+    teacher = {f"backbone.{k}": v for k, v in sd.items()}
+    teacher.update(head)
+    student = {f"module.{k}": v + 1.0 for k, v in teacher.items()}  # must not be the one that gets loaded
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}])
+    lr_schedule, wd_schedule = np.linspace(5e-4, 1e-6, 10), np.linspace(0.04, 0.4, 10)
+    for i, group in enumerate(opt.param_groups):
+        group["lr"] = lr_schedule[3]
+        if i == 0:
+            group["weight_decay"] = wd_schedule[3]
+    return {
+        "student": student,
+        "teacher": teacher,
+        "optimizer": opt.state_dict(),
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005, data_path="/data"),
+        "dino_loss": {"center": torch.zeros(1, 128)},
+    }
 
 
 _TMP: list[Path] = []

@@ -105,6 +105,22 @@ class ModelCheckpoint:  # pytorch_lightning.callbacks.model_checkpoint.ModelChec
     pass
 
 
+class ReadOnlyList(list):  # sacred.config.custom_containers.ReadOnlyList (sacred 0.8.7)
+    """Pickles as sacred's does: ``ReadOnlyContainer.__reduce__`` is ``(cls, (self.__copy__(),))`` and
+    ``ReadOnlyList.__copy__`` is ``[*self]``, so the file names the class and calls it with a plain list.
+    (sacred is not a segcli dependency; the opcodes were checked identical to sacred 0.8.7's own pickling.)"""
+
+    def __reduce__(self):
+        return self.__class__, ([*self],)
+
+
+class ReadOnlyDict(dict):  # sacred.config.custom_containers.ReadOnlyDict: __copy__ is {**self}
+    def __reduce__(self):
+        return self.__class__, ({**self},)
+
+
+_SACRED = {"sacred.config.custom_containers": {"ReadOnlyList": ReadOnlyList, "ReadOnlyDict": ReadOnlyDict}}
+
 _OMEGACONF = {
     "omegaconf.dictconfig": {"DictConfig": DictConfig},
     "omegaconf.base": {"Metadata": Metadata, "ContainerMetadata": ContainerMetadata},
@@ -159,13 +175,27 @@ def save_leopart(path: Path, wrapped: bool = False, teacher: bool = False, name:
             obj["payload"] = payload
         torch.save(obj, path)
         return sd
-    with fake_modules(_LIGHTNING):
+    with fake_modules({**_LIGHTNING, **_SACRED}):
+        # Leopart is a sacred experiment: its config lists / dicts reach the LightningModule (and so
+        # hyper_parameters) as sacred's read-only containers; its on_train_batch_start sets each param group's
+        # weight_decay from a numpy cosine schedule (numpy float64 under pickle protocol 2).
+        wd_schedule = np.linspace(0.04, 0.5, 20)
         obj = {
             "epoch": 49, "global_step": 12345, "pytorch-lightning_version": "1.4.9", "state_dict": tensors,
-            "callbacks": {ModelCheckpoint: {"monitor": None, "best_model_score": None, "best_model_path": "", "payload": payload}},
-            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}],
-            "lr_schedulers": [], "hparams_name": "kwargs",
-            "hyper_parameters": {"arch": "vit-small", "patch_size": 16, "num_prototypes": 300, "projection_feat_dim": 256},
+            "callbacks": {ModelCheckpoint: {"monitor": "val/loss", "best_model_score": torch.tensor(0.31),
+                                            "best_model_path": "ckpt/epoch=49.ckpt", "current_score": torch.tensor(0.31),
+                                            "dirpath": "ckpt/", "payload": payload}},
+            "optimizer_states": [{"state": {0: {"step": 10, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}},
+                                  "param_groups": [{"lr": 1e-4, "weight_decay": wd_schedule[7], "betas": (0.9, 0.999),
+                                                    "eps": 1e-8, "amsgrad": False, "params": [0]},
+                                                   {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999),
+                                                    "eps": 1e-8, "amsgrad": False, "params": [1]}]}],
+            "lr_schedulers": [{"last_epoch": 49, "_step_count": 50, "base_lrs": [1e-4, 1e-4], "_last_lr": [1e-4, 1e-4]}],
+            "hparams_name": "kwargs",
+            "hyper_parameters": {"arch": "vit-small", "patch_size": 16, "num_prototypes": 300, "projection_feat_dim": 256,
+                                 "crops_scale": ReadOnlyList([ReadOnlyList([0.25, 1.0]), ReadOnlyList([0.05, 0.25])]),
+                                 "nmb_crops": ReadOnlyList([2, 4]), "val_iters": ReadOnlyList([10]),
+                                 "optimizer": ReadOnlyDict(name="adamw", lr_heads=1e-4)},
         }
         torch.save(obj, path)
     return sd

@@ -23,6 +23,7 @@ from segcli.method.model import SegModel
 from segcli.io.outputs import read_label_png
 from tests.checkpoints import save_checkpoint
 from tests.cli_helpers import cli, ok
+from tests.upstream_reference import dino_forward, loca_forward, stego_code
 from tests.seed_checkpoints import (
     LEOPART, PICKLED_LAYOUTS, fake_modules, leopart_tensors, save_leopart, save_loca, save_malicious, save_stego,
 )
@@ -144,9 +145,7 @@ def test_leopart_features_through_the_cli(files, images, tmp_path, monkeypatch, 
     # Leopart's README recipe: timm ViT-S/16, model.* keys with the first component stripped
     raw, _ = leopart_tensors(LEOPART, seed=1 if layout == "leopart-lightning" else 0, teacher=layout == "leopart-lightning")
     recipe = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith("model.") and "head" not in k and "prototypes" not in k}
-    model = timm_vit("vit_small_patch16_224", recipe)
-    with torch.no_grad():
-        tokens = model.forward_features(x)
+    tokens = dino_forward(recipe, x, heads=6)  # Leopart's src/vit.py is DINO's (DINO's position resize)
     h, w = fb.grid
     assert (h, w) == (16, 20) and fb.feats.shape[-1] == 384  # --feature tokens by default for Leopart
     assert_close(fb.feats, F.normalize(tokens[:, 1:], dim=-1).reshape(1, h, w, -1))
@@ -165,15 +164,13 @@ def test_leopart_features_through_the_cli(files, images, tmp_path, monkeypatch, 
 def test_stego_code_through_the_cli(files, images, tmp_path, monkeypatch, layout):
     path, (state, sd) = files[layout]
     bb, x, fb = capture_cli_features(monkeypatch, tmp_path, images, path)
-    model = timm_vit("vit_small_patch8_224", sd)
-    with torch.no_grad():
-        feat = model.forward_features(x)[:, 1:]  # DinoFeaturizer 'feat': final-norm tokens, CLS dropped
-        h, w = x.shape[2] // 8, x.shape[3] // 8
-        f = feat.transpose(1, 2).reshape(1, -1, h, w)
-        c1 = F.conv2d(f, state["net.cluster1.0.weight"], state["net.cluster1.0.bias"])
-        c2 = F.conv2d(F.relu(F.conv2d(f, state["net.cluster2.0.weight"], state["net.cluster2.0.bias"])),
-                      state["net.cluster2.2.weight"], state["net.cluster2.2.bias"])
-        code = (c1 + c2).permute(0, 2, 3, 1)
+    h, w = x.shape[2] // 8, x.shape[3] // 8
+    # DinoFeaturizer 'feat': DINO's final-norm tokens (DINO's own position resize), CLS dropped, then the code;
+    # STEGO's evaluation averages it with the mirrored code of the mirrored image (issue 19 item 8)
+    plain = stego_code(state, dino_forward(sd, x, heads=6), h, w)
+    mirror = stego_code(state, dino_forward(sd, x.flip(-1), heads=6), h, w).flip(2)
+    code = (plain + mirror) / 2
+    assert float((F.normalize(plain, dim=-1) - fb.feats).abs().max()) > 1e-3  # the mirror pass is really used
     assert fb.feats.shape == (1, h, w, 70)
     assert_close(fb.feats, F.normalize(code, dim=-1))
 
@@ -188,35 +185,6 @@ def test_loca_features_through_the_cli(files, images, tmp_path, monkeypatch, lay
     assert_close(fb.feats, F.normalize(ref, dim=-1).reshape(1, h, w, -1))
     assert_close(fb.cls, ref.mean(dim=1), tol=1e-5)  # the image descriptor: mean of the patch tokens
     assert torch.all(fb.attn >= 0) and abs(float(fb.attn.sum()) - 1) < 1e-5  # PCA saliency, not CLS attention
-
-
-def loca_forward(p: dict, x: torch.Tensor) -> torch.Tensor:
-    """ViT4LOCA's encoder written out from its flax parameters (scenic projects/loca/vit.py): conv patch embed,
-    2-D position grid resized bilinearly (half-pixel, as jax.image.resize upsamples), pre-LN blocks with
-    eps 1e-6 and tanh GELU, encoder_norm."""
-    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
-    kernel = t(p["embedding"]["kernel"])  # (p, p, 3, D)
-    patch, dim = kernel.shape[0], kernel.shape[-1]
-    y = F.conv2d(x, kernel.permute(3, 2, 0, 1), t(p["embedding"]["bias"]), stride=patch)  # (1, D, h, w)
-    h, w = y.shape[-2:]
-    pos = t(p["posembed_input"]).permute(0, 3, 1, 2)
-    pos = F.interpolate(pos, size=(h, w), mode="bilinear", align_corners=False)
-    y = (y + pos).flatten(2).transpose(1, 2)
-    ln = lambda z, q: F.layer_norm(z, (dim,), t(q["scale"]), t(q["bias"]), eps=1e-6)  # noqa: E731
-    i = 0
-    while f"encoderblock_{i}" in p:
-        b = p[f"encoderblock_{i}"]
-        a = b["MultiHeadDotProductAttention_0"]
-        z = ln(y, b["LayerNorm_0"])
-        q, k, v = (torch.einsum("bnd,dhk->bhnk", z, t(a[n]["kernel"])) + t(a[n]["bias"])[None, :, None] for n in ("query", "key", "value"))
-        att = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
-        y = y + torch.einsum("bhnk,hkd->bnd", att @ v, t(a["out"]["kernel"])) + t(a["out"]["bias"])
-        m = b["MlpBlock_0"]
-        z = ln(y, b["LayerNorm_1"])
-        z = F.gelu(z @ t(m["Dense_0"]["kernel"]) + t(m["Dense_0"]["bias"]), approximate="tanh")
-        y = y + z @ t(m["Dense_1"]["kernel"]) + t(m["Dense_1"]["bias"])
-        i += 1
-    return ln(y, p["encoder_norm"])
 
 
 def model_attention_and_keys(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

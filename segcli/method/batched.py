@@ -34,7 +34,7 @@ from segcli.method.foreground import PROPOSAL_VOTE_WEIGHT, SOFT_SLOPE_VOTES, bor
 from segcli.method.kmeans import first_distinct_rows, kmeans_pp
 from segcli.method.model import SegModel
 
-MAX_ITER = 300  # KMeans' default max_iter (the image level's k-means uses the defaults)
+MAX_ITER = 100  # = segcli.method.kmeans.KMeans' default max_iter, which the per-image path uses: both paths stop alike
 KMEANS_MAX_SAMPLES = 100_000  # KMeans' default max_samples: larger images are subsampled, by the per-image path
 
 

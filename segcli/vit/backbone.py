@@ -166,8 +166,10 @@ class Backbone:
 
     def __init__(self, model: torch.nn.Module, name: str, device: torch.device, weights_id: str, precision: str = "fp32",
                  system: str = "timm", head: torch.nn.Module | None = None, probe: torch.Tensor | None = None,
-                 weights_source: str = ""):
+                 weights_source: str = "", pos_interp: str | None = None):
         self.model = model
+        # How the position grid is resized for other input sizes (segcli.vit.pos_embed): part of the features' identity.
+        self.pos_interp = pos_interp
         self.name = name
         self.device = device
         self.weights_id = weights_id
@@ -258,7 +260,8 @@ class Backbone:
 
     def fingerprint(self) -> str:
         """Short stable hash of the backbone name and weights identity (a cache key)."""
-        return hashlib.sha256(f"{self.name}\n{self.weights_id}".encode()).hexdigest()[:16]
+        ident = f"{self.name}\n{self.weights_id}" + (f"\npos:{self.pos_interp}" if self.pos_interp else "")
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -272,6 +275,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
             if not b:
                 break
             h.update(b)
+    return h.hexdigest()
+
+
+def sha256_dir(path: Path) -> str:
+    """Content hash of a checkpoint directory (Orbax): every regular file, by relative path and bytes."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
 
 
@@ -406,6 +417,14 @@ def _fetch_pretrained(model: torch.nn.Module, name: str) -> tuple[Checkpoint, st
 _STRUCTURAL = ("class_token", "global_pool", "fc_norm", "act_layer", "norm_layer", "pretrained_cfg_overlay", "img_size")
 
 
+def _pos_interp(ck: Checkpoint, timm_name: str, from_file: bool) -> str | None:
+    """The family's own position-grid resize (segcli.vit.pos_embed): DINO's for DINO / Leopart / STEGO files and
+    for timm's ``.dino`` weights, bilinear for LOCA, timm's own otherwise."""
+    if ck.pos_interp == "dino" and not from_file and not timm_name.endswith(".dino"):
+        return None  # timm's pretrained weights of a non-DINO ViT: timm is the upstream
+    return ck.pos_interp
+
+
 def _build_model(name: str, build: dict | None = None) -> torch.nn.Module:
     """The architecture without weights: on the meta device (no time spent on random init) when possible."""
     timm = import_timm()
@@ -522,15 +541,26 @@ def load_backbone(
     left = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:  # pragma: no cover - a timm model with a buffer timm cannot recompute
         raise ModelError(f"backbone {timm_name} is not supported: {left[0]} is not in any checkpoint")
-    if ck.pos_interp == "bilinear" and hasattr(model, "_pos_embed") and getattr(model, "pos_embed", None) is not None:
+    pos_interp = _pos_interp(ck, timm_name, from_file=weights is not None)
+    if pos_interp == "bilinear" and hasattr(model, "_pos_embed") and getattr(model, "pos_embed", None) is not None:
         import types
 
         model._pos_embed = types.MethodType(_bilinear_pos_embed, model)
+    elif pos_interp == "dino":
+        import types
+
+        from segcli.vit.pos_embed import dino_pos_embed, supports_dino_resize
+
+        if supports_dino_resize(model):
+            model._pos_embed = types.MethodType(dino_pos_embed, model)
+        else:
+            pos_interp = None
     if weights_id is None:
-        weights_id = f"sha256:{sha256_file(Path(weights).expanduser())}"
+        wpath = Path(weights).expanduser()
+        weights_id = f"sha256:{sha256_dir(wpath) if wpath.is_dir() else sha256_file(wpath)}"
     model.eval()
     model.requires_grad_(False)
     model.to(dev)
     head = ck.head.to(dev).eval() if ck.head is not None else None
     return Backbone(model, timm_name, dev, weights_id, prec, system=ck.system, head=head, probe=ck.probe,
-                    weights_source=source)
+                    weights_source=source, pos_interp=pos_interp)

@@ -182,6 +182,21 @@ def image_descriptor(backbone: "Backbone", tokens: torch.Tensor) -> torch.Tensor
     return tokens[:, backbone.num_prefix_tokens:].mean(dim=1)
 
 
+def _flip_averaged_code(backbone: "Backbone", batch: torch.Tensor, out: torch.Tensor, n_prefix: int, h: int,
+                        w: int) -> torch.Tensor:
+    """STEGO's code as STEGO's evaluation computes it: the mean of the image's code and the horizontally
+    mirrored code of its mirror image, ``(code(x) + flip(code(flip(x)))) / 2`` (eval_segmentation.py), before
+    the cluster probe normalises it.  Costs a second backbone pass; prefix tokens keep the first pass's code."""
+    model = backbone.model
+    code = backbone.head(out).float()
+    with backbone.autocast():
+        mirrored = model.forward_features(batch.flip(-1))
+    code2 = backbone.head(mirrored.float()).float()
+    B = batch.shape[0]
+    grid2 = code2[:, n_prefix:].reshape(B, h, w, -1).flip(2).reshape(B, h * w, -1)
+    return torch.cat([code[:, :n_prefix], (code[:, n_prefix:] + grid2) / 2], dim=1)
+
+
 def compute_features(backbone: "Backbone", batch: torch.Tensor, kind: str = "keys", proposal_heads: int = 5) -> FeatureBatch:
     """Run the backbone once on a normalised batch (B, 3, H, W) and build its :class:`FeatureBatch`.
 
@@ -221,7 +236,7 @@ def compute_features(backbone: "Backbone", batch: torch.Tensor, kind: str = "key
         elif kind == "values":
             tok = _heads_to_patches(v)
         elif kind == "code":
-            tok = backbone.head(out).float()
+            tok = _flip_averaged_code(backbone, batch, out, n_prefix, h, w)
         else:
             tok = out
         B = batch.shape[0]

@@ -13,7 +13,9 @@ Layouts (what the tensors mean), tried in this order on the content, never the f
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import stat
 import struct
 import zipfile
 from pathlib import Path
@@ -21,9 +23,9 @@ from pathlib import Path
 import torch
 
 from segcli.vit.checkpoints import leopart, loca, stego, vit
-from segcli.vit.checkpoints.base import Checkpoint, first_line
+from segcli.vit.checkpoints.base import Checkpoint, check_tensor_sizes, first_line
 from segcli.vit.checkpoints.flax_msgpack import looks_like_msgpack, read_msgpack_tree
-from segcli.vit.checkpoints.safe_pickle import RefusedGlobal, load_zip_checkpoint
+from segcli.vit.checkpoints.safe_pickle import RefusedGlobal, UnsafeSize, check_archive, check_pickle, load_zip_checkpoint
 from segcli.errors import ModelError
 
 __all__ = ["Checkpoint", "LAYOUTS", "open_checkpoint", "read_checkpoint"]
@@ -43,7 +45,23 @@ def _looks_like_safetensors(path: Path) -> bool:
         return False
 
 
+def _check_zip(p: Path) -> None:
+    """Bound every size the archive states before torch or segcli reads it (see :mod:`.safe_pickle`)."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            check_archive(zf, p.stat().st_size)
+            pkl = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+            if pkl:
+                check_pickle(zf.read(pkl[0]))
+    except UnsafeSize as err:
+        raise ModelError(f"weights file {p} states sizes it cannot hold ({err}): refused before reading it") from None
+    except Exception as err:  # BadZipFile, a malformed pickle, OSError
+        raise ModelError(f"weights file {p} is corrupt or not a PyTorch checkpoint ({first_line(err)})") from None
+
+
 def _read_pickle(p: Path, is_zip: bool) -> object:
+    if is_zip:
+        _check_zip(p)
     try:
         # Full DINO training checkpoints carry an argparse.Namespace of their arguments: plain data,
         # so it is allow-listed; anything else that is not tensors/containers/primitives is refused.
@@ -62,6 +80,8 @@ def _read_pickle(p: Path, is_zip: bool) -> object:
         )
     try:
         return load_zip_checkpoint(p)
+    except UnsafeSize as err:
+        raise ModelError(f"weights file {p} states sizes it cannot hold ({err}): refused before reading it") from None
     except RefusedGlobal as ref:
         raise ModelError(
             f"weights file {p} refers to {ref.name}, which is not checkpoint data: refused without importing or "
@@ -71,16 +91,38 @@ def _read_pickle(p: Path, is_zip: bool) -> object:
         raise ModelError(f"weights file {p} is corrupt or not a PyTorch checkpoint ({first_line(err)})") from None
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def read_checkpoint_dir(p: Path) -> dict:
+    """A directory given as --weights: an Orbax checkpoint (flax's current default format) or nothing."""
+    from segcli.vit.checkpoints.orbax import looks_like_orbax, read_orbax
+
+    if looks_like_orbax(p):
+        return read_orbax(p)
+    raise ModelError(f"weights path {p} is a directory and not an Orbax checkpoint: pass the checkpoint file itself")
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint file into a dict, safely, whatever its container (see the module docstring).
 
     Every failure is a one-line :class:`ModelError` naming the file.
     """
     p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelError(f"weights file {p} not found: check the --weights path")
-    if p.is_dir():
-        raise ModelError(f"weights path {p} is a directory: pass the checkpoint file itself")
+    try:
+        st = os.stat(p)  # follows symlinks: a link to a FIFO is a FIFO
+    except OSError:
+        raise ModelError(f"weights file {p} not found: check the --weights path") from None
+    if stat.S_ISDIR(st.st_mode):
+        return read_checkpoint_dir(p)
+    if not stat.S_ISREG(st.st_mode):
+        # a FIFO, socket or device would block or stream forever in the first read: never opened
+        raise ModelError(f"weights path {p} is not a regular file ({_file_kind(st.st_mode)}): pass the checkpoint file itself")
     if p.suffix.lower() == ".safetensors" or _looks_like_safetensors(p):
         try:
             from safetensors.torch import load_file
@@ -116,6 +158,15 @@ def parse_checkpoint(raw: dict, label: str) -> Checkpoint:
 _LAST: dict = {}
 
 
+def _size_budget(p: Path) -> int:
+    """Bytes any one tensor of this file (or Orbax directory) may take: its size, plus 1 MiB of slack."""
+    try:
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    except OSError:
+        size = 0
+    return size + (1 << 20)
+
+
 def open_checkpoint(path: str | Path, keep: bool = False) -> Checkpoint:
     """Read and recognise a checkpoint file.
 
@@ -135,7 +186,9 @@ def open_checkpoint(path: str | Path, keep: bool = False) -> Checkpoint:
             _LAST.clear()
         return ck
     _LAST.clear()
-    ck = parse_checkpoint(read_checkpoint(p), f"weights file {p}")
+    raw = read_checkpoint(p)
+    check_tensor_sizes(raw, _size_budget(p), f"weights file {p}")
+    ck = parse_checkpoint(raw, f"weights file {p}")
     if keep and key is not None:
         _LAST.update(key=key, ck=ck)
     return ck

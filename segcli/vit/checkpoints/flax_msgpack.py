@@ -25,11 +25,19 @@ def looks_like_msgpack(head: bytes) -> bool:
 def _array(data: bytes) -> np.ndarray:
     import msgpack
 
-    shape, dtype_name, buf = msgpack.unpackb(data, raw=True)
-    name = dtype_name.decode() if isinstance(dtype_name, bytes) else str(dtype_name)
-    if name == "bfloat16":
-        raise ValueError("bfloat16 arrays are not supported (convert the checkpoint to float32)")
-    return np.frombuffer(buf, dtype=np.dtype(name)).reshape(tuple(shape), order="C")
+    try:
+        shape, dtype_name, buf = msgpack.unpackb(data, raw=True)
+        name = dtype_name.decode() if isinstance(dtype_name, bytes) else str(dtype_name)
+        if name == "bfloat16":
+            raise ValueError("bfloat16 arrays are not supported (convert the checkpoint to float32)")
+        dtype = np.dtype(name)
+        if dtype.kind not in "biufc" or not isinstance(buf, bytes) or not isinstance(shape, (list, tuple)):
+            raise ValueError(f"an array of dtype {name} is not checkpoint data")
+        return np.frombuffer(buf, dtype=dtype).reshape(tuple(int(d) for d in shape), order="C")
+    except ValueError:
+        raise
+    except Exception as err:  # a malformed ext payload: TypeError, msgpack errors, ...
+        raise ValueError(f"malformed array ({type(err).__name__})") from None
 
 
 def _ext_hook(code: int, data: bytes):
@@ -45,13 +53,39 @@ def _ext_hook(code: int, data: bytes):
     return msgpack.ExtType(code, data)
 
 
-def _unchunk(tree):
+# Nesting deeper than any model's parameter tree is refused (a 1.5 KB file of nested maps would otherwise
+# exhaust Python's recursion limit in every reader that walks the tree).
+MAX_DEPTH = 64
+
+
+def _chunked(tree: dict) -> np.ndarray:
+    """flax's ``{'__msgpack_chunked_array__': True, 'shape': {'0': n, ...}, 'chunks': {'0': array, ...}}``."""
+    shape_map, chunk_map = tree.get("shape"), tree.get("chunks")
+    if not isinstance(shape_map, dict) or not isinstance(chunk_map, dict):
+        raise ValueError("a chunked array without a 'shape' and 'chunks' map")
+    try:
+        shape = tuple(int(shape_map[str(i)]) for i in range(len(shape_map)))
+        chunks = [chunk_map[str(i)] for i in range(len(chunk_map))]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("a chunked array whose 'shape' or 'chunks' are not numbered 0..n-1 integers / arrays") from None
+    if not chunks or not all(isinstance(c, np.ndarray) and c.ndim == 1 for c in chunks) or any(d < 0 for d in shape):
+        raise ValueError("a chunked array whose chunks are not flat arrays")
+    if int(np.prod(shape, dtype=np.int64)) != sum(c.size for c in chunks):
+        raise ValueError(f"a chunked array of shape {shape} with {sum(c.size for c in chunks)} elements")
+    return np.concatenate(chunks).reshape(shape)
+
+
+def _unchunk(tree, depth: int = 0):
     if isinstance(tree, dict):
+        if depth > MAX_DEPTH:
+            raise ValueError(f"maps nested deeper than {MAX_DEPTH} levels")
         if tree.get("__msgpack_chunked_array__"):
-            shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
-            chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
-            return np.concatenate(chunks).reshape(shape)
-        return {k: _unchunk(v) for k, v in tree.items()}
+            return _chunked(tree)
+        return {k: _unchunk(v, depth + 1) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        if depth > MAX_DEPTH:
+            raise ValueError(f"lists nested deeper than {MAX_DEPTH} levels")
+        return type(tree)(_unchunk(v, depth + 1) for v in tree)
     return tree
 
 
@@ -62,7 +96,7 @@ def read_msgpack_tree(path: str | Path) -> dict:
     data = Path(path).read_bytes()
     try:
         tree = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-    except (msgpack.UnpackException, ValueError, TypeError) as err:
+    except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as err:
         raise ValueError(f"not a readable msgpack file ({err})") from None
     if not isinstance(tree, dict):
         raise ValueError(f"msgpack content is a {type(tree).__name__}, not a map")

@@ -32,4 +32,5 @@ def parse(raw: dict, label: str) -> Checkpoint | None:
     prefix = next(k for k in sd if k.endswith("cls_token"))[: -len("cls_token")]
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     sd = {k: v for k, v in sd.items() if "head" not in k and "prototypes" not in k}
-    return Checkpoint(system="leopart", state_dict=sd, arch=infer_arch(sd), feature="tokens")
+    # Leopart's src/vit.py is DINO's: DINO's position-grid resize
+    return Checkpoint(system="leopart", state_dict=sd, arch=infer_arch(sd), feature="tokens", pos_interp="dino")

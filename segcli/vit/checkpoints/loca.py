@@ -52,8 +52,8 @@ def matches(raw: dict) -> bool:
 
 def _t(a) -> torch.Tensor:
     a = np.asarray(a)
-    if a.dtype.kind not in "fiu":
-        raise ModelError(f"LOCA array of dtype {a.dtype} is not numeric")
+    if a.dtype.kind != "f":  # weights are floats; int / bool / complex arrays are not a model's weights
+        raise ModelError(f"LOCA array of dtype {a.dtype} where floating-point weights are needed")
     return torch.from_numpy(np.array(a, dtype=np.float32))
 
 
@@ -105,9 +105,9 @@ def parse(raw: dict, label: str) -> Checkpoint | None:
             sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"] = _t(np.asarray(mlp["Dense_0"]["kernel"]).T), _t(mlp["Dense_0"]["bias"])
             sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"] = _t(np.asarray(mlp["Dense_1"]["kernel"]).T), _t(mlp["Dense_1"]["bias"])
             mlp_dim = int(np.shape(mlp["Dense_0"]["kernel"])[1])
-    except ModelError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError) as err:
+    except ModelError as err:
+        raise ModelError(str(err) if str(err).startswith(label) else f"{label}: {err}") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise ModelError(f"{label}: unexpected LOCA/scenic ViT tree ({type(err).__name__}: {err})") from None
     size = _SIZES.get(dim)
     arch = f"vit_{size}_patch{p}_224" if size else None

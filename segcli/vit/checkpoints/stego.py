@@ -25,13 +25,25 @@ class StegoHead(nn.Module):
     def __init__(self, sd: dict[str, torch.Tensor]):
         super().__init__()
         w1 = sd["net.cluster1.0.weight"]
+        if w1.ndim != 4 or tuple(w1.shape[2:]) != (1, 1):
+            raise RuntimeError(f"net.cluster1.0.weight has shape {tuple(w1.shape)}, expected (code, dim, 1, 1)")
         dim, code = int(w1.shape[1]), int(w1.shape[0])
-        self.cluster1 = nn.Conv2d(dim, code, 1)
-        self.cluster1.load_state_dict({"weight": w1, "bias": sd["net.cluster1.0.bias"]})
-        self.cluster2 = None
-        if "net.cluster2.0.weight" in sd:
-            self.cluster2 = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU(), nn.Conv2d(dim, code, 1))
-            self.cluster2.load_state_dict({k[len("net.cluster2."):]: v for k, v in sd.items() if k.startswith("net.cluster2.")})
+        # Built on the meta device and filled by assignment: nothing is allocated from a shape in the file
+        # before load_state_dict has checked every shape against the tensors the file really holds.
+        with torch.device("meta"):
+            self.cluster1 = nn.Conv2d(dim, code, 1)
+            self.cluster2 = None
+            if "net.cluster2.0.weight" in sd:
+                self.cluster2 = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU(), nn.Conv2d(dim, code, 1))
+        parts = {"net.cluster1.0.": self.cluster1, "net.cluster2.": self.cluster2}
+        for prefix, module in parts.items():
+            if module is None:
+                continue
+            own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            for k, v in own.items():
+                if not v.is_floating_point():
+                    raise RuntimeError(f"{prefix}{k} holds {str(v.dtype).replace('torch.', '')} values, not weights")
+            module.load_state_dict({k: v.float() for k, v in own.items()}, strict=True, assign=True)
         self.code_dim = code
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -58,7 +70,10 @@ def parse(raw: dict, label: str) -> Checkpoint | None:
     except (KeyError, RuntimeError) as err:
         raise ModelError(f"{label}: STEGO head (net.cluster1/net.cluster2) is malformed ({err})") from None
     probe = sd.get("cluster_probe.clusters")
+    if probe is not None and not probe.is_floating_point():
+        raise ModelError(f"{label}: cluster_probe.clusters holds {str(probe.dtype).replace('torch.', '')} values, not centroids")
     if probe is not None and (probe.ndim != 2 or probe.shape[1] != head.code_dim):
         raise ModelError(f"{label}: cluster_probe.clusters has shape {tuple(probe.shape)}, expected (K, {head.code_dim})")
-    return Checkpoint(system="stego", state_dict=backbone, arch=infer_arch(backbone), head=head,
+    # STEGO's DinoFeaturizer runs DINO's own vision_transformer.py: DINO's position-grid resize
+    return Checkpoint(system="stego", state_dict=backbone, arch=infer_arch(backbone), head=head, pos_interp="dino",
                       probe=None if probe is None else probe.float(), feature="code")
