@@ -134,6 +134,8 @@ Cache = Annotated[Optional[Path], typer.Option("--cache", help="Feature/region c
 Features = Annotated[Optional[Path], typer.Option("--features", help="Use precomputed features DIR/<key>.npz instead of a backbone (format: README).", rich_help_panel="Input", **_URI)]
 Split = Annotated[Optional[str], typer.Option("--split", help="For a VOC layout: the ImageSets/Segmentation list to use (e.g. val).", rich_help_panel="Input")]
 Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here.", rich_help_panel="Output", **_URI)]
+ClassNames = Annotated[Optional[str], typer.Option("--class-names", help="Names for the overlay legend: a preset (voc, camvid, cityscapes27, cocostuff27: id i = its class i), a text file (line i names id i, or 'ID NAME' lines) or the --json file of segcli evaluate (each cluster named by its matched class).", rich_help_panel="Output")]
+LegendOpt = Annotated[bool, typer.Option("--legend/--no-legend", help="Draw a legend of the ids shown (colour, id, name) in the top-left corner of each --overlay image.", rich_help_panel="Output")]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finished masks of the same model in the output folder.", rich_help_panel="Output")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
 Engine = Annotated[str, typer.Option("--engine", help="local (this process) | ray (Ray Data: backbone actors and per-image tasks on a Ray cluster; needs the ray extra; README: Running on a cluster). Same masks and model either way.", rich_help_panel="Engine")]
@@ -144,7 +146,7 @@ CpusPerWorker = Annotated[float, typer.Option("--cpus-per-worker", help="--engin
 
 # The options segment and cluster-dataset share, declared once: (parameter, annotated type, default).
 _SHARED_OPTIONS = [
-    ("overlay", Overlay, None), ("k", K, 21), ("backbone", Backbone, None), ("weights", Weights, None),
+    ("overlay", Overlay, None), ("class_names", ClassNames, None), ("legend", LegendOpt, True), ("k", K, 21), ("backbone", Backbone, None), ("weights", Weights, None),
     ("device", Device, "auto"), ("precision", Precision, "auto"), ("short_side", ShortSide, 448),
     ("max_side", MaxSide, 1344), ("work_max_side", WorkMaxSide, 2048), ("feature", FeatureKind, None),
     ("batch_size", BatchSize, 8), ("threads", Threads, None), ("categories", Categories, None),
@@ -318,6 +320,24 @@ def _engine_session(opts: dict):
     return ray_session(_ray_options(opts))
 
 
+def _legend(opts: dict):
+    """The overlays' legend (--class-names, --legend/--no-legend), its names read before any work."""
+    from segcli.legend import Legend, read_class_names
+
+    names = read_class_names(opts["class_names"]) if opts["class_names"] is not None else {}
+    return Legend.of(names, opts["legend"])
+
+
+def _record(command: str, seg, images: Path, items: list, out: Path, opts: dict, summary, model_file: Path | None,
+            started: float, legend) -> None:
+    """Write the run record (segcli-run.json) beside the masks: how they were made, for `segcli report`."""
+    from segcli.run_record import run_record, write_run_record
+
+    write_run_record(out, run_record(command, images=images, items=items, out=out, overlay=opts["overlay"],
+                                     model_file=model_file, seg=seg, opts=opts, summary=summary,
+                                     seconds=time.perf_counter() - started, class_names=dict(legend.names)))
+
+
 def _finish(command: str, summary, out: Path | None, started: float) -> None:
     from rich.console import Console
 
@@ -348,6 +368,7 @@ def segment(
     started = time.perf_counter()
     reporter = RichReporter(opts["quiet"])
     config = _check_run_options(opts)
+    legend = _legend(opts)
     items = discover_images(images, opts["split"])
     _protect_inputs(images, items, opts, {"--out": out}, model_in=model)
     prepare_output_dir(out)
@@ -366,7 +387,8 @@ def segment(
             seg = _segmenter(fitted.config, reporter, opts, model=fitted)
         else:
             seg = _segmenter(config, reporter, opts).fit(items)
-        summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"])
+        summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"], legend=legend)
+    _record("segment", seg, images, items, out, opts, summary, model, started, legend)
     _finish("segment", summary, out, started)
 
 
@@ -393,6 +415,7 @@ def cluster_dataset(
     if part is None and out is None and masks is None:
         raise UsageError("give --out FILE for the model (and/or --masks DIR), or --shard I/N to only extract features")
     config = _check_run_options(opts)
+    legend = _legend(opts)
     items = discover_images(dataset, opts["split"])
     _protect_inputs(dataset, items, opts, {"--masks": masks}, model_out=out)
     _check_remote_outputs(opts["overlay"], None if out is None else out.parent)
@@ -401,11 +424,11 @@ def cluster_dataset(
 
         prepare_output_dir(masks)
     with _engine_session(opts):
-        _cluster_dataset(config, reporter, opts, items, part, out, masks, started)
+        _cluster_dataset(config, reporter, opts, items, part, out, masks, started, legend, dataset)
 
 
 def _cluster_dataset(config: SegmentConfig, reporter, opts: dict, items: list, part: tuple[int, int] | None,
-                     out: Path | None, masks: Path | None, started: float) -> None:
+                     out: Path | None, masks: Path | None, started: float, legend=None, dataset: Path | None = None) -> None:
     """cluster-dataset's work, inside its engine's session: extract a shard, or fit (and write masks)."""
     from rich.console import Console
 
@@ -428,7 +451,8 @@ def _cluster_dataset(config: SegmentConfig, reporter, opts: dict, items: list, p
         console.print(f"cluster-dataset: model fitted on {len(items) - len(seg.skipped)} images saved to {path} "
                       f"({storage.size(path) / 1024:.0f} KiB)")
     if masks is not None:
-        summary = seg.predict(items, masks, overlay_dir=opts["overlay"], resume=opts["resume"])
+        summary = seg.predict(items, masks, overlay_dir=opts["overlay"], resume=opts["resume"], legend=legend)
+        _record("cluster-dataset", seg, dataset, items, masks, opts, summary, out, started, legend)
         _finish("cluster-dataset", summary, masks, started)
     elif seg.skipped:
         raise typer.Exit(EXIT_SKIPPED)

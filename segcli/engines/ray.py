@@ -361,7 +361,8 @@ def finish_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, lis
                     result = pack({"adjacency": adjacency, "sizes": sizes})
                 else:
                     steps.mask_step(_item(row), f, bundle, model=model, out=storage.location(extra["out"]),
-                                    overlay=storage.location(extra["overlay"]) if extra["overlay"] else None, device="cpu")
+                                    overlay=storage.location(extra["overlay"]) if extra["overlay"] else None, device="cpu",
+                                    legend=extra.get("legend"))
             except BadImageError as exc:
                 error = str(exc)
         out["index"].append(int(row["index"]))
@@ -548,9 +549,9 @@ class RaySegmenter(Segmenter):
             sizes += r["sizes"]
         return adjacency, sizes
 
-    def _write_masks(self, todo: list, out: Path, ov: Path | None) -> int:
+    def _write_masks(self, todo: list, out: Path, ov: Path | None, legend=None) -> int:
         from segcli import steps
 
         found = self._region_pass(todo, "masks", "masks", need_features=steps.needs_features(self.model_),
-                                  out=_absolute(out), overlay=_absolute(ov) if ov else None)
+                                  out=_absolute(out), overlay=_absolute(ov) if ov else None, legend=legend)
         return sum(1 for _ in found)
