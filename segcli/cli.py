@@ -473,6 +473,80 @@ def _parse_shard(text: str) -> tuple[int, int]:
 app.command("evaluate")(handle_errors(evaluate_command))
 
 
+@app.command()
+@handle_errors
+def report(
+    masks: Annotated[Path, typer.Argument(help="Mask folder written by segment --out (or cluster-dataset --masks); its segcli-run.json says how the run was made.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write (self-contained: pictures embedded, nothing fetched).")],
+    evaluation: Annotated[Optional[Path], typer.Option("--eval", "-e", help="The --json file of `segcli evaluate MASKS GT`: per-image mIoU and pixel accuracy, ground truth pictures, per-class IoU, cluster-to-class matching, confusion matrix.")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of the input images (default: the paths in the run record).")] = None,
+    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Names of the cluster ids when there is no --eval: a preset, a text file or an evaluate --json file (as for segment).")] = None,
+    max_images: Annotated[int, typer.Option("--max-images", help="Images that get pictures (every image is listed): all when there are fewer; else half the worst-scored and the rest spread over the others by score.")] = 100,
+    thumb_side: Annotated[int, typer.Option("--thumb-side", help="Long side of the pictures in pixels.")] = 240,
+    title: Annotated[Optional[str], typer.Option("--title", help="Title of the page (default: the mask folder's name).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Write one self-contained HTML report of a run's masks (and of its evaluation with --eval)."""
+    from segcli.errors import InputError, UsageError
+    from segcli.html_report import build_report
+    from segcli.legend import read_class_names
+    from segcli.outputs import check_apart_from_inputs
+    from segcli.report import RichReporter
+    from segcli.run_record import read_run_record
+
+    if not 0 <= max_images <= 100_000:
+        raise UsageError(f"--max-images must be between 0 and 100000, got {max_images}")
+    if not 16 <= thumb_side <= 2048:
+        raise UsageError(f"--thumb-side must be between 16 and 2048, got {thumb_side}")
+    if not masks.is_dir():
+        raise InputError(f"mask folder {masks} not found (or not a folder)")
+    if images is not None and not images.is_dir():
+        raise InputError(f"--images {images} not found (or not a folder)")
+    if evaluation is not None and not evaluation.is_file():
+        raise InputError(f"--eval {evaluation} not found")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
+    names = read_class_names(class_names) if class_names is not None else None
+    record = read_run_record(masks)
+    dirs = [masks] + ([images] if images is not None else [])
+    if record is not None and record.get("images") and "://" not in str(record["images"]):
+        dirs.append(Path(record["images"]))
+    if evaluation is not None:
+        import json
+
+        try:
+            gt_dir = json.loads(evaluation.read_text(encoding="utf-8")).get("gt_dir")
+        except (OSError, ValueError, AttributeError):
+            gt_dir = None  # build_report says what is wrong with the file
+        if gt_dir and "://" not in str(gt_dir):
+            dirs.append(Path(gt_dir))
+    check_apart_from_inputs({}, [d for d in dirs if d.is_dir()] + [d.parent for d in dirs if d.is_file()],
+                            [evaluation] if evaluation is not None else [], {"--out": out})
+    reporter = RichReporter(quiet)
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            for ctx in bars.values():
+                ctx[0].__exit__(None, None, None)
+            ctx = reporter.progress(stage, total)
+            bars.clear()
+            bars[stage] = (ctx, ctx.__enter__())
+        bars[stage][1](1)
+
+    started = time.perf_counter()
+    try:
+        stats = build_report(masks, out, evaluation, images, names, max_images, thumb_side, title, progress)
+    finally:
+        for ctx in bars.values():
+            ctx[0].__exit__(None, None, None)
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(
+        f"report: wrote {out} ({stats.bytes / 1e6:.1f} MB; {stats.images} images, {stats.pictured} with pictures) "
+        f"in {time.perf_counter() - started:.1f} s", soft_wrap=True, markup=False)
+
+
 def main() -> None:
     """The ``segcli`` entry point: click's own usage errors (a value that is not a number, an unknown option, a
     missing argument) become one ``segcli: error:`` line with exit 2, like every other error."""
