@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from segcli import __version__
+from segcli.errors import OutputError
 from segcli.html_report_data import (
     Evaluation,
     ImageRow,
@@ -291,6 +292,10 @@ def build_report(masks_dir: Path, out: Path, evaluation_path: Path | None = None
     page = _page(rows, thumbs, thumb_of, record, evaluation, colours, id_names, notes, masks_dir, max_images,
                  thumb_side, title)
     data = page.encode("utf-8")
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder of {out}: {exc.strerror or exc}") from None
     atomic_write(Path(out), lambda f: f.write(data))
     return ReportStats(len(rows), len(thumbs), len(data), time.perf_counter() - started, notes)
 
