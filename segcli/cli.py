@@ -509,8 +509,10 @@ def report(
     names = read_class_names(class_names) if class_names is not None else None
     record = read_run_record(masks)
     dirs = [masks] + ([images] if images is not None else [])
+    files = [evaluation] if evaluation is not None else []
     if record is not None and record.get("images") and "://" not in str(record["images"]):
-        dirs.append(Path(record["images"]))
+        source = Path(record["images"])
+        (files if source.is_file() else dirs).append(source)  # an image folder, or a list file
     if evaluation is not None:
         import json
 
@@ -520,8 +522,7 @@ def report(
             gt_dir = None  # build_report says what is wrong with the file
         if gt_dir and "://" not in str(gt_dir):
             dirs.append(Path(gt_dir))
-    check_apart_from_inputs({}, [d for d in dirs if d.is_dir()] + [d.parent for d in dirs if d.is_file()],
-                            [evaluation] if evaluation is not None else [], {"--out": out})
+    check_apart_from_inputs({}, [d for d in dirs if d.is_dir()], files, {"--out": out})
     reporter = RichReporter(quiet)
     bars: dict = {}
 

@@ -344,12 +344,13 @@ def _page(rows, thumbs, thumb_of, record, evaluation, colours, id_names, notes, 
     legend = "".join(f"<span class='item'>{_swatch(PALETTE_RGB[i])} {i}{(' ' + _esc(id_names[i])) if i in id_names else ''}</span>"
                      for i in ids)
     built = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    css = _CSS.replace("{side}", str(int(thumb_side)))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_esc(heading)}</title>
-<style>{_CSS}</style></head>
+<style>{css}</style></head>
 <body>
 <h1>{_esc(heading)}</h1>
 <p class="summary" id="summary">{_esc(' · '.join(summary))}</p>
@@ -401,7 +402,7 @@ table.confusion td{width:2.2em;height:1.6em;text-align:center;font-size:.75em;pa
 table.confusion th{font-size:.8em;font-weight:normal;white-space:nowrap}
 th.rot{height:8em;vertical-align:bottom;padding:0}th.rot div{writing-mode:vertical-rl;transform:rotate(180deg);padding:.2em}
 footer{margin-top:2em;color:#777;font-size:.85em}
-""".replace("{side}", str(DEFAULT_THUMB_SIDE))
+"""
 
 _JS = r"""
 (function(){
@@ -442,7 +443,8 @@ function keep(r) {
 function legend(r) {
   const d = el('div', null, 'leg');
   r.p.forEach(id => { const s = el('span', null, 'item'); s.appendChild(swatch(D.palette[id] || [0,0,0]));
-    const n = idName(r, id); s.appendChild(document.createTextNode(String(id) + (n ? ' \u2192 ' + n : ''))); d.appendChild(s); });
+    const n = idName(r, id), sep = (D.evaluated || r.mp) ? ' \u2192 ' : ' ';
+    s.appendChild(document.createTextNode(String(id) + (n ? sep + n : ''))); d.appendChild(s); });
   if (r.g.length) {
     d.appendChild(el('span', 'GT:', 'item'));
     r.g.forEach(c => { const s = el('span', null, 'item');
