@@ -197,12 +197,12 @@ def _evaluation_section(ev: Evaluation, colours: np.ndarray) -> str:
     per_class = ("<table class='classes'><thead><tr><th>class</th><th>IoU</th><th></th><th>GT pixels</th>"
                  f"<th>clusters matched to it (pixels)</th></tr></thead><tbody>{''.join(bars)}</tbody></table>")
     matching = ""
-    if cluster_rows:
+    if ev.mode == "per-image":
+        matching = "<p class='note'>Per-image matching: every image's clusters were matched on their own (see each image's legend).</p>"
+    elif cluster_rows:
         matching = ("<h3>Cluster-to-class matching</h3><table class='clusters'><thead><tr><th>cluster</th>"
                     "<th>matched class</th><th>pixels</th><th>of which that class</th></tr></thead>"
                     f"<tbody>{''.join(cluster_rows)}</tbody></table>")
-    elif ev.mode == "per-image":
-        matching = "<p class='note'>Per-image matching: every image's clusters were matched on their own (see each image's legend).</p>"
     return (f"{head}<h3>IoU per class</h3>{per_class}{matching}<h3>Confusion matrix after matching</h3>"
             f"{_confusion_html(d, names, C)}")
 

@@ -281,3 +281,17 @@ def test_report_in_a_headless_browser(run):
             continue  # id 0's colour is black, like text
         hits = int((shot == PALETTE_RGB[i]).all(axis=-1).sum())
         assert hits >= 50, f"the legend colour of id {i} {PALETTE_RGB[i].tolist()} is not on screen ({hits} px)"
+
+
+def test_report_of_a_per_image_evaluation_takes_its_figures(run, tmp_path):
+    ev = tmp_path / "per_image.json"
+    ok(cli("evaluate", run["masks"], run["gt"], "--num-classes", 4, "--allow-missing", "--per-image", "--json", ev))
+    out = tmp_path / "per_image.html"
+    ok(cli("report", run["masks"], "--eval", ev, "--out", out, "--quiet"))
+    page = out.read_text(encoding="utf-8")
+    start = page.index('id="report-data">') + len('id="report-data">')
+    rows = {r["k"]: r for r in json.loads(page[start:page.index("</script>", start)])["rows"]}
+    figures = {r["name"]: r for r in json.loads(ev.read_text())["per_image"]}
+    assert figures and all(rows[k]["m"] == pytest.approx(f["miou"]) and rows[k]["mp"] is not None
+                           for k, f in figures.items())
+    assert "Per-image matching" in page
