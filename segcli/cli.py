@@ -133,7 +133,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice: 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Feature/region cache folder (default $SEGCLI_CACHE or ~/.cache/segcli); may be an s3:// or gs:// URI.", rich_help_panel="Input", **_URI)]
 Features = Annotated[Optional[Path], typer.Option("--features", help="Use precomputed features DIR/<key>.npz instead of a backbone (format: README).", rich_help_panel="Input", **_URI)]
 Split = Annotated[Optional[str], typer.Option("--split", help="For a VOC layout: the ImageSets/Segmentation list to use (e.g. val).", rich_help_panel="Input")]
-Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here.", rich_help_panel="Output", **_URI)]
+Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here, with a legend of the ids shown (--class-names, --no-legend).", rich_help_panel="Output", **_URI)]
 ClassNames = Annotated[Optional[str], typer.Option("--class-names", help="Names for the overlay legend: a preset (voc, camvid, cityscapes27, cocostuff27: id i = its class i), a text file (line i names id i, or 'ID NAME' lines) or the --json file of segcli evaluate (each cluster named by its matched class).", rich_help_panel="Output")]
 LegendOpt = Annotated[bool, typer.Option("--legend/--no-legend", help="Draw a legend of the ids shown (colour, id, name) in the top-left corner of each --overlay image.", rich_help_panel="Output")]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finished masks of the same model in the output folder.", rich_help_panel="Output")]

@@ -250,6 +250,8 @@ def build_report(masks_dir: Path, out: Path, evaluation_path: Path | None = None
     evaluation = load_evaluation(evaluation_path) if evaluation_path is not None else None
     rows = gather_rows(masks_dir, record, images_dir)
     notes: list[str] = []
+    if record is None and images_dir is None:
+        notes.append("no run record (segcli-run.json) in the mask folder: pass --images DIR to show the input images")
     spec = None
     if evaluation is not None:
         spec = gt_spec(evaluation)
@@ -341,7 +343,8 @@ def _page(rows, thumbs, thumb_of, record, evaluation, colours, id_names, notes, 
                else "<p class='note'>Not evaluated: run <code>segcli evaluate MASKS GT --json eval.json</code> and pass "
                     "<code>--eval eval.json</code> for per-image scores, per-class IoU and the confusion matrix.</p>")
     notes_html = "".join(f"<p class='note warn'>{_esc(n)}</p>" for n in notes)
-    legend = "".join(f"<span class='item'>{_swatch(PALETTE_RGB[i])} {i}{(' ' + _esc(id_names[i])) if i in id_names else ''}</span>"
+    sep = " → " if evaluation is not None else " "
+    legend = "".join(f"<span class='item'>{_swatch(PALETTE_RGB[i])} {i}{(sep + _esc(id_names[i])) if i in id_names else ''}</span>"
                      for i in ids)
     built = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     css = _CSS.replace("{side}", str(int(thumb_side)))

@@ -170,7 +170,7 @@ def gather_rows(masks_dir: Path, record: dict | None, images_dir: Path | None) -
         if row.image is not None and not Path(row.image).is_file() and "://" not in row.image:
             row.image = None
         if row.image is None and row.status == "ok":
-            row.notes.append("input image not found" + ("" if images else " (no run record: pass --images DIR)"))
+            row.notes.append("input image not found")
         rows.append(row)
     return rows
 
