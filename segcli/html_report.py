@@ -306,7 +306,6 @@ def _page(rows, thumbs, thumb_of, record, evaluation, colours, id_names, notes, 
           thumb_side, title) -> str:
     from segcli.outputs import PALETTE_RGB
 
-    C = evaluation.num_classes if evaluation is not None else 0
     data = {
         "rows": [
             {"k": r.key, "s": r.status, "r": r.reason, "m": r.miou, "a": r.accuracy, "p": r.pred_ids,

@@ -224,8 +224,8 @@ def read_pair(row: ImageRow, spec, protocol: str = "full"):
     """(prediction ids uint8, ground-truth codes uint16: class id, ``spec.ignore_code`` or invalid) of a row,
     aligned as ``evaluate`` aligns them (the prediction resized to the ground truth, nearest)."""
     from segcli.evaluate.labels import gt_codes
-    from segcli.evaluate.scoring import load_pair
     from segcli.evaluate.pairing import Pair
+    from segcli.evaluate.scoring import load_pair
 
     loaded = load_pair(Pair(row.key, row.mask, row.gt), spec, protocol, False)
     return loaded.pred, gt_codes(loaded.raw, spec, row.gt)

@@ -30,7 +30,7 @@ class Legend:
     show: bool = True
 
     @classmethod
-    def of(cls, names: Mapping[int, str] | None = None, show: bool = True) -> "Legend":
+    def of(cls, names: Mapping[int, str] | None = None, show: bool = True) -> Legend:
         return cls(tuple(sorted((int(k), str(v)) for k, v in (names or {}).items())), show)
 
     def name(self, i: int) -> str | None:
