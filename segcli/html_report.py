@@ -194,7 +194,7 @@ def _evaluation_section(ev: Evaluation, colours: np.ndarray) -> str:
             f"<tr data-class='{i}'><td>{_swatch(colours[i]) if i < len(colours) else ''} {_esc(c.get('name'))}</td>"
             f"<td class='barcell'><div class='bar' style='width:{width:.1f}%'></div></td>"
             f"<td class='num'>{_pct(iou)}</td><td class='num'>{int(c.get('gt_pixels', 0)):,}</td><td>{_esc(went)}</td></tr>")
-    per_class = ("<table class='classes'><thead><tr><th>class</th><th>IoU</th><th></th><th>GT pixels</th>"
+    per_class = ("<table class='classes'><thead><tr><th>class</th><th colspan='2'>IoU</th><th>GT pixels</th>"
                  f"<th>clusters matched to it (pixels)</th></tr></thead><tbody>{''.join(bars)}</tbody></table>")
     matching = ""
     if ev.mode == "per-image":
