@@ -19,7 +19,9 @@ import pytest
 
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-                  "--disable-dev-shm-usage", "--window-size=1400,1000", "--hide-scrollbars")
+                  "--disable-dev-shm-usage", "--window-size=1400,1000", "--hide-scrollbars",
+                  "--force-color-profile=srgb",  # screenshot pixels = CSS colours
+                  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost")  # no name resolves: no network
 
 
 def _find(*names: str) -> str | None:
