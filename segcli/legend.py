@@ -42,6 +42,9 @@ def _from_evaluation(data: dict, source: str) -> dict[int, str]:
     if not isinstance(names, dict):
         raise UsageError(f"--class-names {source}: a JSON file must be the --json output of segcli evaluate "
                          "(it has no 'mapping_names')")
+    if data.get("mode") == "per-image":
+        raise UsageError(f"--class-names {source}: a --per-image evaluation matches every image on its own and names "
+                         "no cluster; evaluate without --per-image")
     out = {}
     for k, v in names.items():
         try:

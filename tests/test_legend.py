@@ -33,6 +33,7 @@ def test_class_names_from_preset_text_and_evaluation(tmp_path):
     ("300 far\n", ".txt", "outside 0..255"),
     ("{not json", ".json", "not valid JSON"),
     ('{"a": 1}', ".json", "--json output of segcli evaluate"),
+    ('{"mode": "per-image", "mapping_names": {}}', ".json", "names no cluster"),
 ])
 def test_bad_class_names_are_one_line_usage_errors(tmp_path, content, suffix, fragment):
     path = tmp_path / f"names{suffix}"
