@@ -28,6 +28,7 @@ import numpy as np
 from segcli import __version__
 from segcli.errors import OutputError
 from segcli.html_report_data import (
+    UNMATCHED_COLOUR,
     Evaluation,
     ImageRow,
     class_colours,
@@ -108,7 +109,11 @@ def _pictures(row: ImageRow, spec, evaluation: Evaluation | None, side: int, col
             per = colours
         n = min(spec.num_classes, 255)
         table[:n] = per[:n]
-        shown = np.where(small < n, small, 255).astype(np.uint8)  # ignored (and classes past 254): uncoloured
+        # Ignored pixels, classes past 254 and classes matched to cluster 0 (left as they are in the prediction's
+        # overlay, like every id 0) stay uncoloured.
+        plain = np.append((per[:n] == PALETTE_RGB[0]).all(axis=1) & (per[:n] != UNMATCHED_COLOUR).any(axis=1),
+                          np.ones(max(0, int(small.max()) + 1 - n), bool))
+        shown = np.where(plain[small], 255, small).astype(np.uint8)
         out["g"] = _jpeg_uri(overlay_image(base, shown, colours=table, skip=255))
     return out
 
