@@ -133,7 +133,9 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice: 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Feature/region cache folder (default $SEGCLI_CACHE or ~/.cache/segcli); may be an s3:// or gs:// URI.", rich_help_panel="Input", **_URI)]
 Features = Annotated[Optional[Path], typer.Option("--features", help="Use precomputed features DIR/<key>.npz instead of a backbone (format: docs/usage.md, Bring your own features).", rich_help_panel="Input", **_URI)]
 Split = Annotated[Optional[str], typer.Option("--split", help="For a VOC layout: the ImageSets/Segmentation list to use (e.g. val).", rich_help_panel="Input")]
-Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here.", rich_help_panel="Output", **_URI)]
+Overlay = Annotated[Optional[Path], typer.Option("--overlay", help="Also write colour overlays (JPEG) here, with a legend of the ids shown (--class-names, --no-legend).", rich_help_panel="Output", **_URI)]
+ClassNames = Annotated[Optional[str], typer.Option("--class-names", help="Names for the overlay legend: a preset (voc, camvid, cityscapes27, cocostuff27: id i = its class i), a text file (line i names id i, or 'ID NAME' lines) or the --json file of segcli evaluate (each cluster named by its matched class).", rich_help_panel="Output")]
+LegendOpt = Annotated[bool, typer.Option("--legend/--no-legend", help="Draw a legend of the ids shown (colour, id, name) in the top-left corner of each --overlay image.", rich_help_panel="Output")]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Keep finished masks of the same model in the output folder.", rich_help_panel="Output")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
 Engine = Annotated[str, typer.Option("--engine", help="local (this process) | ray (Ray Data: backbone actors and per-image tasks on a Ray cluster; needs the ray extra; docs/scale.md, Running on a cluster). Same masks and model either way.", rich_help_panel="Engine")]
@@ -144,7 +146,7 @@ CpusPerWorker = Annotated[float, typer.Option("--cpus-per-worker", help="--engin
 
 # The options segment and cluster-dataset share, declared once: (parameter, annotated type, default).
 _SHARED_OPTIONS = [
-    ("overlay", Overlay, None), ("k", K, 21), ("backbone", Backbone, None), ("weights", Weights, None),
+    ("overlay", Overlay, None), ("class_names", ClassNames, None), ("legend", LegendOpt, True), ("k", K, 21), ("backbone", Backbone, None), ("weights", Weights, None),
     ("device", Device, "auto"), ("precision", Precision, "auto"), ("short_side", ShortSide, 448),
     ("max_side", MaxSide, 1344), ("work_max_side", WorkMaxSide, 2048), ("feature", FeatureKind, None),
     ("batch_size", BatchSize, 8), ("threads", Threads, None), ("categories", Categories, None),
@@ -318,6 +320,25 @@ def _engine_session(opts: dict):
     return ray_session(_ray_options(opts))
 
 
+def _legend(opts: dict):
+    """The overlays' legend (--class-names, --legend/--no-legend), its names read before any work."""
+    from segcli.evaluate.class_names import read_class_names
+    from segcli.io.legend import Legend
+
+    names = read_class_names(opts["class_names"]) if opts["class_names"] is not None else {}
+    return Legend.of(names, opts["legend"])
+
+
+def _record(command: str, seg, images: Path, items: list, out: Path, opts: dict, summary, model_file: Path | None,
+            started: float, legend) -> None:
+    """Write the run record (segcli-run.json) beside the masks: how they were made, for `segcli report`."""
+    from segcli.io.run_record import run_record, write_run_record
+
+    write_run_record(out, run_record(command, images=images, items=items, out=out, overlay=opts["overlay"],
+                                     model_file=model_file, seg=seg, opts=opts, summary=summary,
+                                     seconds=time.perf_counter() - started, class_names=dict(legend.names)))
+
+
 def _finish(command: str, summary, out: Path | None, started: float) -> None:
     from rich.console import Console
 
@@ -348,6 +369,7 @@ def segment(
     started = time.perf_counter()
     reporter = RichReporter(opts["quiet"])
     config = _check_run_options(opts)
+    legend = _legend(opts)
     items = discover_images(images, opts["split"])
     _protect_inputs(images, items, opts, {"--out": out}, model_in=model)
     prepare_output_dir(out)
@@ -366,7 +388,8 @@ def segment(
             seg = _segmenter(fitted.config, reporter, opts, model=fitted)
         else:
             seg = _segmenter(config, reporter, opts).fit(items)
-        summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"])
+        summary = seg.predict(items, out, overlay_dir=opts["overlay"], resume=opts["resume"], legend=legend)
+    _record("segment", seg, images, items, out, opts, summary, model, started, legend)
     _finish("segment", summary, out, started)
 
 
@@ -393,6 +416,7 @@ def cluster_dataset(
     if part is None and out is None and masks is None:
         raise UsageError("give --out FILE for the model (and/or --masks DIR), or --shard I/N to only extract features")
     config = _check_run_options(opts)
+    legend = _legend(opts)
     items = discover_images(dataset, opts["split"])
     _protect_inputs(dataset, items, opts, {"--masks": masks}, model_out=out)
     _check_remote_outputs(opts["overlay"], None if out is None else out.parent)
@@ -401,11 +425,11 @@ def cluster_dataset(
 
         prepare_output_dir(masks)
     with _engine_session(opts):
-        _cluster_dataset(config, reporter, opts, items, part, out, masks, started)
+        _cluster_dataset(config, reporter, opts, items, part, out, masks, started, legend, dataset)
 
 
 def _cluster_dataset(config: SegmentConfig, reporter, opts: dict, items: list, part: tuple[int, int] | None,
-                     out: Path | None, masks: Path | None, started: float) -> None:
+                     out: Path | None, masks: Path | None, started: float, legend=None, dataset: Path | None = None) -> None:
     """cluster-dataset's work, inside its engine's session: extract a shard, or fit (and write masks)."""
     from rich.console import Console
 
@@ -428,7 +452,8 @@ def _cluster_dataset(config: SegmentConfig, reporter, opts: dict, items: list, p
         console.print(f"cluster-dataset: model fitted on {len(items) - len(seg.skipped)} images saved to {path} "
                       f"({storage.size(path) / 1024:.0f} KiB)")
     if masks is not None:
-        summary = seg.predict(items, masks, overlay_dir=opts["overlay"], resume=opts["resume"])
+        summary = seg.predict(items, masks, overlay_dir=opts["overlay"], resume=opts["resume"], legend=legend)
+        _record("cluster-dataset", seg, dataset, items, masks, opts, summary, out, started, legend)
         _finish("cluster-dataset", summary, masks, started)
     elif seg.skipped:
         raise typer.Exit(EXIT_SKIPPED)
@@ -447,6 +472,81 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 app.command("evaluate")(handle_errors(evaluate_command))
+
+
+@app.command()
+@handle_errors
+def report(
+    masks: Annotated[Path, typer.Argument(help="Mask folder written by segment --out (or cluster-dataset --masks); its segcli-run.json says how the run was made.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write (self-contained: pictures embedded, nothing fetched).")],
+    evaluation: Annotated[Optional[Path], typer.Option("--eval", "-e", help="The --json file of `segcli evaluate MASKS GT`: per-image mIoU and pixel accuracy, ground truth pictures, per-class IoU, cluster-to-class matching, confusion matrix.")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of the input images (default: the paths in the run record).")] = None,
+    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Names of the cluster ids when there is no --eval: a preset, a text file or an evaluate --json file (as for segment).")] = None,
+    max_images: Annotated[int, typer.Option("--max-images", help="Images that get pictures (every image is listed): all when there are fewer; else half the worst-scored and the rest spread over the others by score.")] = 100,
+    thumb_side: Annotated[int, typer.Option("--thumb-side", help="Long side of the pictures in pixels.")] = 240,
+    title: Annotated[Optional[str], typer.Option("--title", help="Title of the page (default: the mask folder's name).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Write one self-contained HTML report of a run's masks (and of its evaluation with --eval)."""
+    from segcli.errors import InputError, UsageError
+    from segcli.html_report import build_report
+    from segcli.evaluate.class_names import read_class_names
+    from segcli.io.outputs import check_apart_from_inputs
+    from segcli.report import RichReporter
+    from segcli.io.run_record import read_run_record
+
+    if not 0 <= max_images <= 100_000:
+        raise UsageError(f"--max-images must be between 0 and 100000, got {max_images}")
+    if not 16 <= thumb_side <= 2048:
+        raise UsageError(f"--thumb-side must be between 16 and 2048, got {thumb_side}")
+    if not masks.is_dir():
+        raise InputError(f"mask folder {masks} not found (or not a folder)")
+    if images is not None and not images.is_dir():
+        raise InputError(f"--images {images} not found (or not a folder)")
+    if evaluation is not None and not evaluation.is_file():
+        raise InputError(f"--eval {evaluation} not found")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
+    names = read_class_names(class_names) if class_names is not None else None
+    record = read_run_record(masks)
+    dirs = [masks] + ([images] if images is not None else [])
+    files = [evaluation] if evaluation is not None else []
+    if record is not None and record.get("images") and "://" not in str(record["images"]):
+        source = Path(record["images"])
+        (files if source.is_file() else dirs).append(source)  # an image folder, or a list file
+    if evaluation is not None:
+        import json
+
+        try:
+            gt_dir = json.loads(evaluation.read_text(encoding="utf-8")).get("gt_dir")
+        except (OSError, ValueError, AttributeError):
+            gt_dir = None  # build_report says what is wrong with the file
+        if gt_dir and "://" not in str(gt_dir):
+            dirs.append(Path(gt_dir))
+    check_apart_from_inputs({}, [d for d in dirs if d.is_dir()], files, {"--out": out})
+    reporter = RichReporter(quiet)
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            for ctx in bars.values():
+                ctx[0].__exit__(None, None, None)
+            ctx = reporter.progress(stage, total)
+            bars.clear()
+            bars[stage] = (ctx, ctx.__enter__())
+        bars[stage][1](1)
+
+    started = time.perf_counter()
+    try:
+        stats = build_report(masks, out, evaluation, images, names, max_images, thumb_side, title, progress)
+    finally:
+        for ctx in bars.values():
+            ctx[0].__exit__(None, None, None)
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(
+        f"report: wrote {out} ({stats.bytes / 1e6:.1f} MB; {stats.images} images, {stats.pictured} with pictures) "
+        f"in {time.perf_counter() - started:.1f} s", soft_wrap=True, markup=False)
 
 
 def main() -> None:

@@ -409,8 +409,9 @@ class Segmenter:
         return device if device is not None and getattr(device, "type", "cpu") == "cuda" else "cpu"
 
     def predict(self, items: list[ImageItem], out_dir: str | Path, overlay_dir: str | Path | None = None,
-                resume: bool = True) -> RunSummary:
-        """Write one label PNG per image (and optionally an overlay); finished files are kept on rerun."""
+                resume: bool = True, legend=None) -> RunSummary:
+        """Write one label PNG per image (and optionally an overlay, with ``legend``: a
+        :class:`segcli.io.legend.Legend`); finished files are kept on rerun."""
         from segcli.io.outputs import is_complete_png, output_path, prepare_output_dir, remove_stale_temporaries
 
         if self.model_ is None:
@@ -433,13 +434,13 @@ class Segmenter:
                 summary.reused += 1
             else:
                 todo.append(item)
-        summary.written = self._write_masks(todo, out, ov)
+        summary.written = self._write_masks(todo, out, ov, legend)
         summary.skipped = {k: v for k, v in self.skipped.items()}
         summary.seconds = time.perf_counter() - t0
         summary.timings = self.timings.as_dict()
         return summary
 
-    def _write_masks(self, todo: list[ImageItem], out: Path, ov: Path | None) -> int:
+    def _write_masks(self, todo: list[ImageItem], out: Path, ov: Path | None, legend=None) -> int:
         """Label and write these images (:func:`segcli.method.steps.mask_step`); the number written."""
         written = 0
         need = steps.needs_features(self.model_)
@@ -448,7 +449,7 @@ class Segmenter:
             results = ((item, None, bundle) for item, _, bundle in results)
         try:
             for (item, *_), result in self.engine.imap(steps.mask_step, results, model=self.model_, out=out, overlay=ov,
-                                                       device=self._refine_device()):
+                                                       device=self._refine_device(), legend=legend):
                 if isinstance(result, BadImageError):
                     self._skip(item, result)
                     continue

@@ -184,9 +184,9 @@ class RaySegmenter(Segmenter):
             sizes += r["sizes"]
         return adjacency, sizes
 
-    def _write_masks(self, todo: list, out: Path, ov: Path | None) -> int:
+    def _write_masks(self, todo: list, out: Path, ov: Path | None, legend=None) -> int:
         from segcli.method import steps
 
         found = self._region_pass(todo, "masks", "masks", need_features=steps.needs_features(self.model_),
-                                  out=absolute(out), overlay=absolute(ov) if ov else None)
+                                  out=absolute(out), overlay=absolute(ov) if ov else None, legend=legend)
         return sum(1 for _ in found)

@@ -34,6 +34,8 @@ LAYERS = {
     "segcli.pipeline": "face",
     "segcli.ray_segmenter": "face",
     "segcli.report": "face",
+    "segcli.html_report": "face",
+    "segcli.html_report_data": "face",
     "segcli.__main__": "face",
 }
 

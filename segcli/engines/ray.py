@@ -358,7 +358,8 @@ def finish_task(batch: dict[str, np.ndarray], spec: WorkerSpec) -> dict[str, lis
                     result = pack({"adjacency": adjacency, "sizes": sizes})
                 else:
                     steps.mask_step(_item(row), f, bundle, model=model, out=storage.location(extra["out"]),
-                                    overlay=storage.location(extra["overlay"]) if extra["overlay"] else None, device="cpu")
+                                    overlay=storage.location(extra["overlay"]) if extra["overlay"] else None, device="cpu",
+                                    legend=extra.get("legend"))
             except BadImageError as exc:
                 error = str(exc)
         out["index"].append(int(row["index"]))

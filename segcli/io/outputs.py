@@ -39,7 +39,8 @@ def _voc_palette() -> bytes:
 
 
 VOC_PALETTE: bytes = _voc_palette()
-_PALETTE_RGB = np.frombuffer(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)
+PALETTE_RGB: np.ndarray = np.frombuffer(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)  # (256, 3): colour of id i
+_PALETTE_RGB = PALETTE_RGB
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -214,10 +215,12 @@ def read_label_png(path: Path) -> np.ndarray:
         return np.array(im, dtype=np.uint8)
 
 
-def save_overlay(path: Path, rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> None:
-    """A picture for people: class colours (VOC palette) blended over the image with weight ``alpha``; background
-    (id 0) is left as it is; region boundaries are drawn in the full class colour. ``rgb`` is resized to the
-    labels' size when they differ. JPEG when ``path`` ends in ``.jpg``/``.jpeg``, PNG otherwise; atomic."""
+def overlay_image(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5, legend=None,
+                  colours: np.ndarray | None = None, skip: int = 0) -> Image.Image:
+    """The picture of :func:`save_overlay` as a PIL image: ``colours[id]`` (default the VOC palette of the label
+    PNGs) blended over ``rgb``; pixels of id ``skip`` (the background, 0) are left as they are; boundaries in the
+    full colour. ``legend`` (a :class:`segcli.io.legend.Legend`): draw the ids present (all but ``skip``) with
+    their colours and names in the top-left corner, unless ``legend.show`` is false."""
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be within 0..1, got {alpha}")
     lab = _check_labels(labels)
@@ -231,8 +234,9 @@ def save_overlay(path: Path, rgb: np.ndarray, labels: np.ndarray, alpha: float =
     if img.shape[:2] != (H, W):
         img = np.asarray(Image.fromarray(img).resize((W, H), Image.Resampling.BILINEAR))
 
-    colour = _PALETTE_RGB[lab].astype(np.float32)
-    fg = lab != 0
+    table = _PALETTE_RGB if colours is None else np.asarray(colours, dtype=np.uint8).reshape(256, 3)
+    colour = table[lab].astype(np.float32)
+    fg = lab != skip
     out = img.astype(np.float32)
     a = float(alpha)
     out[fg] = (1.0 - a) * out[fg] + a * colour[fg]
@@ -240,7 +244,21 @@ def save_overlay(path: Path, rgb: np.ndarray, labels: np.ndarray, alpha: float =
     edge = _boundaries(lab, width=max(1, round(max(H, W) / 400))) & fg
     out[edge] = colour[edge]
     result = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+    if legend is not None and legend.show:
+        from segcli.io.legend import draw_legend
 
+        present = np.flatnonzero(np.bincount(lab.ravel(), minlength=256))
+        draw_legend(result, [int(i) for i in present if i != skip], legend, table)
+    return result
+
+
+def save_overlay(path: Path, rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5, legend=None) -> None:
+    """A picture for people: class colours (VOC palette) blended over the image with weight ``alpha``; background
+    (id 0) is left as it is; region boundaries are drawn in the full class colour. ``rgb`` is resized to the
+    labels' size when they differ. With ``legend`` (:class:`segcli.io.legend.Legend`), the ids present are listed
+    with their colour and name in the top-left corner. JPEG when ``path`` ends in ``.jpg``/``.jpeg``, PNG
+    otherwise; atomic."""
+    result = overlay_image(rgb, labels, alpha, legend)
     path = storage.location(path)
     if path.suffix.lower() in (".jpg", ".jpeg"):
         atomic_write(path, lambda f: result.save(f, format="JPEG", quality=90))

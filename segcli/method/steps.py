@@ -290,8 +290,9 @@ def labels(model: SegModel, f: ImageFeatures | None, bundle: Bundle, rgb: np.nda
 
 
 def write_masks(model: SegModel, item: ImageItem, f: ImageFeatures | None, bundle: Bundle, out: Path,
-                overlay: Path | None = None, device="cpu", timings: Timings | None = None) -> None:
-    """Label one image and write its label PNG (original size) and, with ``overlay``, its overlay JPEG.
+                overlay: Path | None = None, device="cpu", timings: Timings | None = None, legend=None) -> None:
+    """Label one image and write its label PNG (original size) and, with ``overlay``, its overlay JPEG (with
+    ``legend``, a :class:`segcli.io.legend.Legend`, listing the ids it shows).
 
     Both writes are atomic; ``out``/``overlay`` are prepared output folders (:func:`segcli.io.outputs.prepare_output_dir`).
     """
@@ -308,7 +309,7 @@ def write_masks(model: SegModel, item: ImageItem, f: ImageFeatures | None, bundl
     with timings("write"):
         save_label_png(output_path(out, item.key, ".png"), resize_labels(lab, size))
         if overlay is not None:
-            save_overlay(output_path(overlay, item.key, ".jpg"), rgb, lab)
+            save_overlay(output_path(overlay, item.key, ".jpg"), rgb, lab, legend=legend)
 
 
 def regions_step(item: ImageItem, f: ImageFeatures, cached: Bundle | None, *, model: SegModel, device="cpu",
@@ -323,6 +324,6 @@ def regions_step(item: ImageItem, f: ImageFeatures, cached: Bundle | None, *, mo
 
 
 def mask_step(item: ImageItem, f: ImageFeatures | None, bundle: Bundle, *, model: SegModel, out: Path,
-              overlay: Path | None = None, device="cpu", timings: Timings | None = None) -> None:
+              overlay: Path | None = None, device="cpu", timings: Timings | None = None, legend=None) -> None:
     """The output pass of one image (:func:`write_masks`), in the engines' calling convention."""
-    write_masks(model, item, f, bundle, out, overlay, device, timings)
+    write_masks(model, item, f, bundle, out, overlay, device, timings, legend)
