@@ -136,7 +136,7 @@ def quoted_commands(path: Path) -> list[str]:
     a shell comment removed."""
     snippets: list[str] = []
     for tok in parse(path):
-        if tok.type in ("fence", "code_block") and tok.info.strip().split(" ")[0] not in ("python", "yaml-schema"):
+        if tok.type in ("fence", "code_block") and tok.info.strip().split(" ")[0] not in ("python", "yaml-schema", "text"):
             snippets.extend(tok.content.replace("\\\n", " ").splitlines())
         for child in tok.children or []:
             if child.type == "code_inline":
