@@ -308,9 +308,12 @@ def test_memo_index_bomb_is_refused_before_allocating(tmp_path, images):
     _torch_zip(path, pkl)
     with pytest.raises(ModelError, match="memo index 268435456"):
         read_checkpoint(path)
-    code = ("import resource, sys; from segcli.cli import main\n"
+    # The peak of this process's own memory (VmHWM), not ru_maxrss: Linux carries ru_maxrss over from the parent
+    # across exec, so under a big pytest worker it would report the worker's size.
+    code = ("import re, sys; from segcli.cli import main\n"
             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
-            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+            "print('RSS', hwm); sys.exit(code)")
     r = subprocess.run([sys.executable, "-c", code, "segment", str(images), "--out", str(tmp_path / "m"), "--weights",
                         str(path), "--cache", str(tmp_path / "c"), "--device", "cpu"],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
