@@ -52,9 +52,18 @@ def handle_errors(fn: Callable) -> Callable:
         # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: restore
         # Ctrl-C / kill -INT so that they always stop the run promptly.
         previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+        from segcli import outputs
+
+        outputs.forget_created()
+        succeeded = False
         try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
+            result = fn(*args, **kwargs)
+            succeeded = True
+            return result
+        except typer.Exit as exc:
+            succeeded = exc.exit_code in (0, EXIT_SKIPPED)
+            raise
+        except (typer.Abort, SystemExit):
             raise
         except SegcliError as exc:
             if _DEBUG["on"]:
@@ -73,6 +82,10 @@ def handle_errors(fn: Callable) -> Callable:
             _err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and please report it)")
             raise typer.Exit(EXIT_INTERNAL) from None
         finally:
+            if succeeded:
+                outputs.forget_created()
+            else:  # a refused or interrupted run leaves no empty output folder behind
+                outputs.remove_created_if_empty()
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
 
@@ -270,6 +283,43 @@ def _protect_inputs(source: Path, items: list, opts: dict, folders: dict, model_
     check_apart_from_inputs(folders, dirs, files, {"--out": model_out})
 
 
+def _given_options() -> set[str] | None:
+    """The parameters typed on the command line (or set from the environment), from click's context; None
+    when there is no context (a direct call)."""
+    try:
+        from typer._click.core import ParameterSource
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - another typer layout
+        return None
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return None
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+
+
+def _check_model_options(opts: dict, fitted, model: Path) -> None:  # noqa: ANN001
+    """segment --model: the method is the model file's. A method option given with a value other than the
+    model's is refused (exit 2) rather than silently ignored; one given with the model's own value is fine."""
+    from segcli.errors import UsageError
+
+    given = _given_options()
+    defaults = {name: default for name, _, default in _SHARED_OPTIONS}
+    config = fitted.config
+    differ = []
+    for name, fld in _CONFIG_OPTIONS.items():
+        if name == "backbone":  # checked on its own (resolved aliases)
+            continue
+        typed = name in given if given is not None else opts[name] != defaults.get(name)
+        if typed and opts[name] is not None and opts[name] != getattr(config, fld):
+            differ.append((name, opts[name], getattr(config, fld)))
+    if differ:
+        flags = ", ".join(f"--{n.replace('_', '-')} {v}" for n, v, _ in differ)
+        theirs = ", ".join(f"{n.replace('_', '-')}={m}" for n, _, m in differ)
+        raise UsageError(f"{flags}: the method is fixed by the model file {model} ({theirs}); drop these options "
+                         "or fit another model with cluster-dataset")
+
+
 def _check_remote_outputs(*folders) -> None:
     """Object-store folders written only at the end of a run (overlays, the model file's prefix): a missing
     bucket or missing credentials stop the run before any work, not after the fit."""
@@ -361,6 +411,7 @@ def segment(
 
             if resolve_backbone_name(opts["backbone"]) != fitted.config.backbone:
                 raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {opts['backbone']}")
+        _check_model_options(opts, fitted, model)
     with _engine_session(opts):
         if fitted is not None:
             seg = _segmenter(fitted.config, reporter, opts, model=fitted)
@@ -396,6 +447,10 @@ def cluster_dataset(
     items = discover_images(dataset, opts["split"])
     _protect_inputs(dataset, items, opts, {"--masks": masks}, model_out=out)
     _check_remote_outputs(opts["overlay"], None if out is None else out.parent)
+    if out is not None:  # a folder, a path under a file or a user's other file: refused before the fit
+        from segcli.model_file import check_model_out
+
+        check_model_out(out)
     if masks is not None:
         from segcli.outputs import prepare_output_dir
 

@@ -152,6 +152,7 @@ def discover_images(source: str | Path, split: str | None = None) -> list[ImageI
             raise InputError(f"no images found in {where} (looked for {_looked_for()})")
         return items
 
+    storage.check_regular(src)  # a FIFO or a device given as the input: refused by name, never opened
     if src.suffix.lower() == ".txt":
         if split is not None:
             raise InputError(f"--split {split!r} only applies to a PASCAL VOC folder, not to the list file {src}")
@@ -382,7 +383,7 @@ def _disambiguate(bases: list[tuple[str, str]]) -> list[str]:
 
 def _read_list_lines(list_file: Path) -> list[tuple[int, str]]:
     try:
-        data = list_file.read_bytes()
+        data = storage.read_bytes(list_file)
     except OSError as err:
         raise InputError(f"cannot read list file {list_file}: {err.strerror or err}") from err
     return _parse_list_text(data, list_file)
@@ -485,8 +486,9 @@ def load_image(path: Path, max_side: int | None = 2048) -> LoadedImage:
             raise bad("file not found" + (" (broken symlink)" if os.path.islink(path) else "")) from None
         except OSError as err:
             raise bad(f"cannot read: {err.strerror or err}") from None
-        if not os.path.isfile(path):
-            raise bad("not a regular file")
+        what = storage.not_regular(path)
+        if what is not None:
+            raise bad(f"not a regular file ({what})")
         if st.st_size == 0:
             raise bad("empty file (0 bytes)")
         source = path
@@ -613,7 +615,7 @@ def content_digest(path: Path) -> str:
             raise BadImageError(f"{path}: {getattr(exc, 'reason', exc)}") from None
         return h.hexdigest()
     try:
-        with open(path, "rb") as f:
+        with storage.open_regular(path, BadImageError) as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
     except OSError as err:

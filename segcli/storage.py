@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
@@ -267,9 +268,46 @@ def list_files(root: ObjectPath) -> list[str]:
 # ------------------------------------------------------------------------------------------------ reading
 
 
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(path: Path) -> str | None:
+    """What ``path`` (symlinks followed) is when it is not a regular file ("a FIFO", "a folder"...), else None
+    (also when it does not exist: the caller's open reports that).
+
+    The one guard every local read goes through (:func:`check_regular`, :func:`open_regular`,
+    :func:`read_bytes`, :func:`readable`): opening a FIFO blocks until a writer appears and a character device
+    may never end, so such files are refused by name from a ``stat``, never opened.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def check_regular(path: Path, error: type[SegcliError] = InputError) -> None:
+    """``error`` ("<path>: not a regular file (a FIFO)") unless ``path`` is a regular file or absent."""
+    what = not_regular(path)
+    if what is not None:
+        failure = error(f"{path}: not a regular file ({what}); segcli reads only regular files")
+        failure.reason = f"not a regular file ({what})"
+        raise failure
+
+
+def open_regular(path: Path, error: type[SegcliError] = InputError) -> BinaryIO:
+    """``open(path, "rb")`` after :func:`check_regular`."""
+    check_regular(path, error)
+    return open(path, "rb")
+
+
 def read_bytes(path: Location, error: type[SegcliError] = InputError) -> bytes:
     if not is_remote(path):
-        return path.read_bytes()
+        with open_regular(path, error) as f:
+            return f.read()
     return _remote(path, "read", error, lambda fs: fs.cat_file(path.path))
 
 
@@ -302,6 +340,7 @@ def readable(path: Location, error: type[SegcliError] = InputError) -> Path | Bi
     before), or an in-memory copy of the object (downloaded whole: inputs, cache entries and model files are
     megabytes, and those readers want a seekable file)."""
     if not is_remote(path):
+        check_regular(path, error)
         return path
     return io.BytesIO(read_bytes(path, error))
 
