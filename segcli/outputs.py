@@ -139,6 +139,28 @@ def prepare_output_dir(out_dir: str | Path | storage.ObjectPath) -> Path | stora
     return out.resolve()
 
 
+def check_file_destination(path: Path, option: str, create: bool = False) -> None:
+    """A single output file (``evaluate --json/--plot``) goes into an existing folder, or into a new folder
+    whose own parent exists (as ``mkdir`` without ``-p``; with ``create``, that folder is made). A longer
+    missing chain is a typo to report (:class:`OutputError`), not folders to create."""
+    path = Path(os.path.expanduser(str(path)))
+    folder = path.parent
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; give a file name")
+    if folder.is_dir():
+        return
+    if os.path.lexists(folder):
+        raise OutputError(f"{option} {path}: {folder} is a file, not a folder")
+    if not folder.parent.is_dir():
+        raise OutputError(f"{option} {path}: the folder {folder.parent} does not exist (segcli creates at most "
+                          "the file's own folder)")
+    if create:
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create folder {folder}: {_reason(err)}") from None
+
+
 def output_path(out_dir: Path, key: str, suffix: str = ".png") -> Path:
     """``out_dir / (key + suffix)``, with its parent folders created.
 
