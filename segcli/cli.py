@@ -123,7 +123,7 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbon
 DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
 FeatureCacheOpt = Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Keep each image's features in the --cache folder (default). --no-feature-cache recomputes them in every pass instead (fit and predict read them 2-4 times): cheaper than the file I/O on a GPU, not on a CPU. Region bundles are cached either way.", rich_help_panel="Backbone")]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1, except 0 when the backbone runs on the CPU (its forward already uses every core); 0 = in the main process. With --engine ray: the backbone actors, one backbone each (default: one per GPU when the run uses GPUs, else 1). Results do not depend on it.", rich_help_panel="Backbone")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1, except 0 when the backbone runs on the CPU (its forward already uses every core); 0 = in the main process; at most the cores this process may use (at least 2): each worker holds its own copy of the model and more workers than cores only add memory and time. With --engine ray: the backbone actors, one backbone each (default: one per GPU when the run uses GPUs, else 1). Results do not depend on it.", rich_help_panel="Backbone")]
 DevicePath = Annotated[Optional[bool], typer.Option("--device-path/--host-path", help="Run the region pass (fusion, image-level k-means, refinement, crops) batched on the backbone's device (default: when it is a CUDA GPU) or image by image in the --workers pool. Same masks either way with --assign pooled/parts; crops resized by torch instead of PIL with cls.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
@@ -137,7 +137,7 @@ Refine = Annotated[str, typer.Option("--refine", help="Refiner of the foreground
 CrfMaxSide = Annotated[int, typer.Option("--crf-max-side", help="--refine densecrf: run the CRF at this long side (kernels scaled), then upsample; 0 = full size.", rich_help_panel="Method")]
 Assign = Annotated[str, typer.Option("--assign", help="Class assignment: cls (CLS tokens of region crops) | pooled (mean patch feature of each region) | parts (community detection over parts) | probe (STEGO's own cluster probe labels each patch; needs a STEGO checkpoint and --feature code).", rich_help_panel="Method")]
 ClassMethod = Annotated[str, typer.Option("--class-method", help="kmeans|spectral clustering of region embeddings.", rich_help_panel="Method")]
-Parts = Annotated[int, typer.Option("--parts", help="Number of parts to over-cluster into with --assign parts.", rich_help_panel="Method")]
+Parts = Annotated[int, typer.Option("--parts", help="Number of parts to over-cluster into with --assign parts: 2..1024 and at most --max-samples (the part graph is parts x parts per image).", rich_help_panel="Method")]
 Regions = Annotated[str, typer.Option("--regions", help="components (one region per connected component) | whole (the whole foreground).", rich_help_panel="Method")]
 MinRegion = Annotated[float, typer.Option("--min-region", help="Drop components smaller than this fraction of the image (capped at --min-region-px).", rich_help_panel="Method")]
 MinRegionPx = Annotated[int, typer.Option("--min-region-px", help="A component of at least this many pixels is always kept.", rich_help_panel="Method")]
@@ -230,8 +230,12 @@ def _check_run_options(opts: dict) -> SegmentConfig:
         raise UsageError(f"--batch-size must be at least 1, got {opts['batch_size']}")
     if opts["decode_workers"] is not None and not 0 <= opts["decode_workers"] <= 256:
         raise UsageError(f"--decode-workers must be between 0 and 256, got {opts['decode_workers']}")
-    if opts["workers"] is not None and not 0 <= opts["workers"] <= 256:
-        raise UsageError(f"--workers must be between 0 and 256, got {opts['workers']}")
+    if opts["workers"] is not None and str(opts["engine"]).strip().lower() != "ray":
+        from segcli.workers import max_workers
+
+        if not 0 <= opts["workers"] <= max_workers():
+            raise UsageError(f"--workers must be between 0 and {max_workers()} (the cores this process may use: "
+                             f"more processes only add memory and time), got {opts['workers']}")
     import re
 
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(opts["device"]).strip().lower()):
