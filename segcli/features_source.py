@@ -18,7 +18,7 @@ from segcli import storage
 from segcli.cache import CACHE_FORMAT, FeatureCache, FeatureFolder, ImageFeatures, has_proposal
 from segcli.config import FEATURE_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, SegcliError, UsageError
-from segcli.images import ImageItem, content_digest, load_image
+from segcli.images import ImageItem, content_digest, image_digest, load_image
 from segcli.report import Timings
 
 
@@ -110,7 +110,7 @@ class FeatureSource:
         if item.key not in self._digests:
             with self.timings("hash"):
                 try:
-                    d = content_digest(item.path)
+                    d = image_digest(item.path)
                     if self.folder is not None:
                         d = hashlib.sha256((d + content_digest(self.folder.path(item.key))).encode()).hexdigest()
                 except OSError as exc:

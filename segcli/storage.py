@@ -136,6 +136,13 @@ class ObjectPath:
 Location = Union[Path, ObjectPath]
 
 
+def unmappable_key(key: str) -> bool:
+    """Whether an object key (below its bucket or prefix) has an empty, ``.`` or ``..`` part: an object store
+    keeps such keys as they are, but :class:`ObjectPath` and every local output name normalise them, so the
+    object could be neither read back by that name nor written under it."""
+    return any(part in ("", ".", "..") for part in key.split("/"))
+
+
 def is_uri(text: object) -> bool:
     """Whether ``text`` names an object-store location (``scheme://...``) rather than a local path."""
     return isinstance(text, ObjectPath) or (isinstance(text, str) and "://" in text)
@@ -322,6 +329,15 @@ def read_if_exists(path: ObjectPath) -> bytes | None:
     return _remote(path, "read", InputError, get)
 
 
+def read_head(path: Location, n: int) -> bytes:
+    """The first ``n`` bytes (one ranged GET on an object store: a large object is never downloaded to be
+    sniffed). Local files go through the regular-file guard."""
+    if not is_remote(path):
+        with open_regular(path) as f:
+            return f.read(n)
+    return _remote(path, "read", InputError, lambda fs: fs.cat_file(path.path, start=0, end=n))[:n]
+
+
 def read_tail(path: Location, n: int) -> bytes:
     """The last ``n`` bytes (one ranged GET on an object store); b"" when absent or unreadable."""
     if not is_remote(path):
@@ -351,7 +367,10 @@ def readable(path: Location, error: type[SegcliError] = InputError) -> Path | Bi
 def makedirs(folder: Location) -> None:
     """Create a local folder and its parents; nothing to do in an object store (prefixes need no creation)."""
     if not is_remote(folder):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # no space, no inodes (ENOSPC), read-only, a file in the way: the user's to fix
+            raise OutputError(f"cannot create folder {folder}: {err.strerror or err}") from None
 
 
 def put_atomic(path: ObjectPath, write: Callable[[BinaryIO], None]) -> None:
