@@ -44,6 +44,9 @@ class Case:
     changed: list[str] = field(default_factory=list)  # keys whose masks are not compared (the bad ones)
     lines: int = 1  # message lines expected on stderr (the last one holds the fragment)
     process: bool = False  # run `python -m segcli` (click's own parse errors are turned into one line there)
+    absent: bool = False  # --out does not exist before and must not exist after (a refused run creates nothing)
+    memory_gb: float | None = None  # run as a process under this address-space cap (RLIMIT_AS)
+    timeout: float = 300  # a process case that hangs fails after this many seconds
 
 
 @dataclass
@@ -90,12 +93,24 @@ class ProcessResult:
     output: str
 
 
-def run_process(*args) -> ProcessResult:
+def run_process(*args, memory_gb: float | None = None, timeout: float = 300) -> ProcessResult:
+    """``python -m segcli ARGS``; with ``memory_gb``, under that address-space cap (a blow-up becomes a failure
+    of the case, not of the machine); a run past ``timeout`` (a hang) fails the case."""
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "segcli", *[str(a) for a in args]], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+    def cap() -> None:
+        import resource
+
+        limit = int(memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    try:
+        p = subprocess.run([sys.executable, "-m", "segcli", *[str(a) for a in args]], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1], timeout=timeout,
+                           preexec_fn=cap if memory_gb else None)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"segcli {' '.join(map(str, args))} still ran after {timeout} s (a hang)")
     return ProcessResult(p.returncode, p.stderr, p.stdout + p.stderr)
 
 
@@ -294,6 +309,111 @@ def _bad_gt_value(env: Env) -> list:
     return ["--num-classes", 2]
 
 
+# ------------------------------------------------------------------------- round 3 (issue 20) builders
+def _fifo(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def _fifo_input(env: Env) -> Case:
+    """A FIFO named like an image given as the input: refused by name from a stat, never opened (it blocked)."""
+    fifo = _fifo(env.tmp / "pipe.png")
+    return Case(env.features(), 3, "not a regular file (a FIFO)", command=f"segment:{fifo}", out=env.tmp / "o",
+                process=True, timeout=60)
+
+
+def _fifo_list_file(env: Env) -> Case:
+    fifo = _fifo(env.tmp / "list.txt")
+    return Case(env.features(), 3, "not a regular file (a FIFO)", command=f"segment:{fifo}", out=env.tmp / "o",
+                process=True, timeout=60)
+
+
+def _fifo_in_list(link: bool):
+    """A FIFO (or a symlink to one) listed in a .txt list next to the good images: skipped by name (exit 4), the
+    other images' masks as a clean run writes them."""
+    def build(env: Env) -> Case:
+        fifo = _fifo(env.tmp / "pipes" / "zz_fifo.png")
+        entry = env.images / "zz_fifo.png"
+        if link:
+            os.symlink(fifo, entry)
+        else:
+            entry = fifo
+        shutil.copy(env.feats / "img000.npz", env.feats / "zz_fifo.npz")
+        names = sorted(p.name for p in env.images.glob("img*.png")) + [str(entry)]
+        lst = _write(env.images / "list.txt", "\n".join(names).encode() + b"\n")
+        return Case(env.with_model(), 4, "not a regular file (a FIFO)", command=f"segment:{lst}", out=env.tmp / "o",
+                    clean="model", changed=["zz_fifo"], process=True, timeout=60)
+    return build
+
+
+def _fifo_feature_file(env: Env) -> Case:
+    (env.feats / "img003.npz").unlink()
+    _fifo(env.feats / "img003.npz")
+    return Case(env.with_model(), 4, "not a regular file (a FIFO)", out=env.tmp / "o", clean="model",
+                changed=["img003"], process=True, timeout=60)
+
+
+def _model_out(where: Callable[[Env], Path], code: int, fragment: str):
+    """cluster-dataset --out that cannot take the model: refused before the fit, the path left as it was."""
+    def build(env: Env) -> Case:
+        return Case(env.features("--out", where(env)), code, fragment, command="cluster-dataset")
+    return build
+
+
+def _refused_fresh_out(*extra, code: int, fragment: str, weights: bool = False, model: bool = False):
+    """A run refused before any work: its --out (which did not exist) is not left behind, empty."""
+    def build(env: Env) -> Case:
+        if weights:
+            from tests.checkpoints import SMALL, checkpoint_file
+
+            args = ["--weights", checkpoint_file(SMALL, "timm", 0), "--short-side", 32, "--max-side", 64,
+                    "--cache", env.tmp / "cache", "--quiet", "--k", 3, *extra]
+        elif model:
+            args = env.with_model(*extra)
+        else:
+            args = env.features(*extra)
+        return Case(args, code, fragment, out=env.tmp / "fresh" / "o", absent=True)
+    return build
+
+
+def _evaluate_bomb(env: Env) -> list:
+    _decompression_bomb(env.data / "pred" / "b.png")
+    return ["--num-classes", 2]
+
+
+def _symlink_loop_gt(env: Env) -> Case:
+    case = _evaluate(lambda env: ["--num-classes", 2], 3, "symlink loop")(env)
+    loop = env.tmp / "loop"
+    os.symlink(loop, loop)
+    case.args[1] = loop
+    return case
+
+
+def _big_non_image(env: Env) -> Case:
+    """A 256 MiB sparse file that is no image, named .png, under a 3 GB address-space cap: skipped after a 16-byte
+    look (it was read or downloaded whole, twice)."""
+    big = env.images / "zz_big.png"
+    with open(big, "wb") as f:
+        f.write(b"\x00\x00\x00\x18ftypmp42")
+        f.truncate(256 << 20)
+    shutil.copy(env.feats / "img000.npz", env.feats / "zz_big.npz")
+    return Case(env.with_model(), 4, "zz_big", out=env.tmp / "o", clean="model", changed=["zz_big"], memory_gb=3)
+
+
+def _corrupt_features_with_prior(prior: str):
+    """Item 13: every feature file holds a proposal, one file is damaged: with every --prior it is reported and
+    skipped (exit 4) and the others are segmented (maskdistill/vote refused the whole run, exit 3)."""
+    def build(env: Env) -> Case:
+        for f in sorted(env.feats.glob("*.npz")):
+            arrays = npz_arrays(f)
+            arrays["proposal"] = arrays["attn"] >= np.median(arrays["attn"])
+            write_npz(f, arrays)
+        _write(env.feats / "img003.npz", b"not an npz file at all")
+        return Case(env.features("--prior", prior), 4, "img003", out=env.tmp / "o")
+    return build
+
+
 CASES: dict[str, Callable[[Env], Case]] = {
     # ---- round 1: paths and options
     "missing input folder": lambda env: Case(env.features(), 3, "not found", command=f"segment:{env.tmp / 'nope'}", out=env.tmp / "o"),
@@ -389,6 +509,46 @@ CASES: dict[str, Callable[[Env], Case]] = {
     "evaluate: prediction without ground truth": _evaluate(_drop_gt, 3, "no ground truth"),
     "evaluate: ground-truth value out of range": _evaluate(_bad_gt_value, 3, "7"),
     "evaluate: --workers 0": _evaluate(lambda env: ["--num-classes", 2, "--workers", 0], 2, "--workers"),
+    # ---- round 3 (issue 20), item 2: non-regular files, never opened (hang cases: run as processes, bounded)
+    "FIFO as the input": _fifo_input,
+    "FIFO as the list file": _fifo_list_file,
+    "FIFO in a list file": _fifo_in_list(link=False),
+    "symlink to a FIFO in a list file": _fifo_in_list(link=True),
+    "FIFO as a --features file": _fifo_feature_file,
+    "FIFO as --model": _model_file(lambda s, d: _fifo(d), "not a regular file (a FIFO)"),
+    # ---- item 5/6: model files and method options with --model
+    "--model is a folder": _model_file(lambda s, d: d.mkdir(), "is a folder"),
+    "--stuff 2 with --model": lambda env: Case(env.with_model("--stuff", 2), 2, "fixed by the model file", out=env.tmp / "o"),
+    "--k 9 --assign parts with --model": lambda env: Case(env.with_model("--k", 9, "--assign", "parts"), 2,
+                                                          "--k 9, --assign parts", out=env.tmp / "o"),
+    # ---- item 8: options whose cost grew without bound (under a memory cap: refused before any allocation)
+    "--parts 16000": lambda env: Case(env.features("--assign", "parts", "--parts", 16000), 2, "--parts must be between 2 and 1024",
+                                      out=env.tmp / "o", memory_gb=3),
+    "--parts above --max-samples": _option("--parts", "500", "--max-samples", "200", fragment="--max-samples 200"),
+    "--workers 64": lambda env: Case(env.features("--workers", 64), 2, "--workers must be between 0 and",
+                                     out=env.tmp / "o", memory_gb=3),
+    # ---- item 9: a large non-image file is never read whole
+    "big non-image file named .png": _big_non_image,
+    # ---- item 12: model destinations refused before the fit, a user's file never replaced
+    "cluster-dataset --out under a file": _model_out(lambda env: _write(env.tmp / "afile", b"x") / "sub" / "m.segcli", 3, "is a file, not a folder"),
+    "cluster-dataset --out onto a folder": _model_out(lambda env: (env.tmp / "adir").mkdir() or env.tmp / "adir", 2, "is a folder"),
+    "cluster-dataset --out over a user's file": _model_out(lambda env: _write(env.data / "notes.txt", b"my notes\n"), 3,
+                                                          "is not a segcli model file"),
+    "evaluate: decompression-bomb prediction": _evaluate(_evaluate_bomb, 3, "b.png"),
+    "evaluate: --json into a missing folder chain": _evaluate(lambda env: ["--num-classes", 2, "--json", env.tmp / "x" / "y" / "s.json"], 3, "does not exist"),
+    "evaluate: --plot into a missing folder chain": _evaluate(lambda env: ["--num-classes", 2, "--plot", env.tmp / "x" / "y" / "p.png"], 3, "does not exist"),
+    "evaluate: ground truth is a symlink loop": _symlink_loop_gt,
+    # refused runs leave no empty --out behind
+    "--assign probe without STEGO weights": _refused_fresh_out("--assign", "probe", "--device", "cpu", code=2, fragment="STEGO", weights=True),
+    "--precision fp16 on the CPU": _refused_fresh_out("--precision", "fp16", "--device", "cpu", code=2, fragment="fp16", weights=True),
+    "--proposal-heads 1000 on a 6-head ViT": _refused_fresh_out("--proposal-heads", 1000, "--device", "cpu", code=2,
+                                                                 fragment="6 attention heads", weights=True),
+    "bad model with a fresh --out": lambda env: (_write(env.tmp / "m.segcli", b"garbage"), Case(
+        ["--model", env.tmp / "m.segcli", "--features", env.feats, "--cache", env.tmp / "cache", "--quiet"], 5, "m.segcli",
+        out=env.tmp / "fresh" / "o", absent=True))[1],
+    "--prior maskdistill without proposals, fresh --out": _refused_fresh_out("--prior", "maskdistill", code=3, fragment="proposal"),
+    # ---- item 13: one rule for an unusable --features file, whatever the prior (reported and skipped)
+    **{f"features: not a zip, --prior {prior}": _corrupt_features_with_prior(prior) for prior in ("levels", "maskdistill", "vote")},
 }
 
 
@@ -419,13 +579,18 @@ def test_bad_input(base, tmp_path, name):
             argv += ["--out", case.out]
     # A failure must leave an existing output folder as it was: pre-fill it with a clean run's masks.
     prefilled = None
-    if case.code not in (0, 4) and case.out is not None and not case.out.exists():
+    if case.absent:
+        assert case.out is not None and not case.out.exists()
+    elif case.code not in (0, 4) and case.out is not None and not case.out.exists():
         shutil.copytree(base / "ref_model", case.out)
         prefilled = digest_tree(case.out)
     before = digest_tree(env.data)
     source_before = digest_tree(source) if source.is_dir() and not source.is_relative_to(env.data) else None
 
-    r = run_process(*argv) if case.process else run_cli(*argv)
+    if case.process or case.memory_gb:
+        r = run_process(*argv, memory_gb=case.memory_gb, timeout=case.timeout)
+    else:
+        r = run_cli(*argv)
 
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     messages = [ln for ln in lines if not ln.startswith(("segment: wrote", "cluster-dataset: "))]
@@ -440,6 +605,8 @@ def test_bad_input(base, tmp_path, name):
     assert digest_tree(env.data) == before
     if source_before is not None:
         assert digest_tree(source) == source_before
+    if case.absent:
+        assert not case.out.exists(), f"{name}: a refused run left {case.out} behind"
     # Other outputs intact.
     if prefilled is not None:
         assert digest_tree(case.out) == prefilled
