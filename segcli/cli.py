@@ -33,14 +33,26 @@ app = typer.Typer(
 )
 
 _DEBUG = {"on": bool(os.environ.get("SEGCLI_DEBUG"))}
+# Whether the running command's outcome is fixed (its last line is being written, its exit code known): from
+# then on SIGINT/SIGTERM change nothing (they are noted in "signalled"; segcli.entry exits with the code at once).
+FINISHED = {"done": False, "signalled": False}
+
+
+def _finished(code: int) -> None:  # noqa: ARG001 - the code travels as the command's exit code
+    FINISHED["done"] = True
+
+
+def _on_signal(signum, frame):  # noqa: ANN001
+    """SIGINT/SIGTERM during a command: stop it (KeyboardInterrupt -> exit 130 and one line), unless its outcome
+    is already fixed (the summary or error line is being written): then the signal is only noted."""
+    if FINISHED["done"]:
+        FINISHED["signalled"] = True
+        return
+    raise KeyboardInterrupt
 
 
 def _err(message: str) -> None:
     print(f"segcli: error: {message}", file=sys.stderr, flush=True)
-
-
-def _on_sigterm(signum, frame):  # noqa: ANN001
-    raise KeyboardInterrupt
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -48,10 +60,11 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        FINISHED.update(done=False, signalled=False)
+        previous = signal.signal(signal.SIGTERM, _on_signal)
         # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: restore
         # Ctrl-C / kill -INT so that they always stop the run promptly.
-        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+        previous_int = signal.signal(signal.SIGINT, _on_signal)
         from segcli import outputs
 
         outputs.forget_created()
@@ -68,17 +81,25 @@ def handle_errors(fn: Callable) -> Callable:
         except SegcliError as exc:
             if _DEBUG["on"]:
                 raise
+            outputs.remove_created_if_empty()
+            _finished(exc.exit_code)
             _err(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
+            outputs.remove_created_if_empty()
+            _finished(EXIT_INTERRUPTED)
             _err("interrupted; finished files are kept: run the same command again to resume")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except MemoryError:
+            outputs.remove_created_if_empty()
+            _finished(EXIT_INTERNAL)
             _err("out of memory; try a smaller --short-side, --work-max-side or --batch-size")
             raise typer.Exit(EXIT_INTERNAL) from None
         except Exception as exc:  # noqa: BLE001
             if _DEBUG["on"]:
                 raise
+            outputs.remove_created_if_empty()
+            _finished(EXIT_INTERNAL)
             _err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and please report it)")
             raise typer.Exit(EXIT_INTERNAL) from None
         finally:
@@ -376,6 +397,7 @@ def _finish(command: str, summary, out: Path | None, started: float) -> None:
     from rich.console import Console
 
     where = f" to {out}" if out is not None else ""
+    _finished(EXIT_SKIPPED if summary.skipped else 0)  # the run is over: a signal now changes nothing
     Console(stderr=True, highlight=False).print(
         f"{command}: wrote {summary.written} masks{where} ({summary.reused} kept from an earlier run, "
         f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s", soft_wrap=True
@@ -527,4 +549,8 @@ def main() -> None:
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None and kind != "ClickException" else ""
         _err(" ".join(exc.format_message().split()) + where)
         sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code == EXIT_INTERRUPTED and not FINISHED["done"]:
+        # Ctrl-C while click was still parsing (typer turns it into exit 130 silently): say it like every run.
+        _err("interrupted; finished files are kept: run the same command again to resume")
+    sys.exit(code)

@@ -26,7 +26,18 @@ INTERRUPTED = "segcli: error: interrupted; finished files are kept: run the same
 
 
 def _raise_interrupt(signum, frame):  # noqa: ANN001
+    """Before and after a command's own handler: stop (exit 130), unless the command's outcome is already fixed
+    (see segcli.cli.FINISHED), where the signal is only noted and the process then exits with that outcome."""
+    state = _finished_state()
+    if state is not None and state["done"]:
+        state["signalled"] = True
+        return
     raise KeyboardInterrupt
+
+
+def _finished_state() -> dict | None:
+    """segcli.cli.FINISHED, once that module is (fully) imported."""
+    return getattr(sys.modules.get("segcli.cli"), "FINISHED", None)
 
 
 def _debugging() -> bool:
@@ -63,9 +74,9 @@ def main() -> None:
         sys.warnoptions.append("ignore")  # spawned children (workers, resource tracker) start with -W ignore
     code = 0
     try:
-        from segcli.cli import main as cli_main
+        from segcli import cli
 
-        cli_main()
+        cli.main()
     except KeyboardInterrupt:  # while importing, parsing, or outside any command's own handler
         print(INTERRUPTED, file=sys.stderr, flush=True)
         code = 130
@@ -73,6 +84,13 @@ def main() -> None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, (int, type(None))):
             print(exc.code, file=sys.stderr, flush=True)
+    state = _finished_state()
+    if state is not None and state["signalled"]:  # asked to stop once the outcome was fixed: stop now
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
     if not debug:
         _quiet_after(code)
     sys.exit(code)

@@ -16,6 +16,10 @@ import hashlib
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +31,7 @@ from typer.testing import CliRunner
 
 from segcli.cli import app
 from tests.corrupt import damage, npz_arrays, write_npz
+from tests.processes import ROOT, interrupt, segcli_process
 from tests.synthetic import make_dataset
 
 runner = CliRunner()
@@ -616,3 +621,123 @@ def test_bad_input(base, tmp_path, name):
         expected = {k: v for k, v in ref.items() if k not in case.changed}
         assert {k: v for k, v in got.items() if k not in case.changed} == expected
         assert not any(k in got for k in case.changed)
+
+
+# ------------------------------------------------ round 3 (issue 20): processes, signals, temporaries, full disks
+def _segment_args(base: Path, out: Path, cache: Path, *extra) -> list:
+    d = base / "data"
+    return ["segment", d / "images", "--out", out, "--features", d / "features", "--cache", cache, *FAST, *extra]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_right_after_the_summary_changes_nothing(base, tmp_path, sig):
+    """Item 12: a signal while the interpreter tears down after the summary line exits with the run's own code
+    (0) and prints nothing more (it exited 143, or printed a 9-line traceback for SIGINT)."""
+    out = tmp_path / "o"
+    with segcli_process(_segment_args(base, out, tmp_path / "cache", "--workers", 1)) as proc:
+        line = b""
+        while not line.startswith(b"segment: wrote"):
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "the run ended without a summary"
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+        rest = proc.stderr.read().decode()
+    assert proc.returncode == 0 and rest.strip() == "", (proc.returncode, rest)
+    assert masks(out) == masks(base / "ref_fit")
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.6, 1.2])
+def test_ctrl_c_while_starting_is_one_line(base, tmp_path, delay):
+    """Item 12: Ctrl-C while the CLI is still being imported or parses its options (the first second on a loaded
+    machine): exit 130 and the one line, never a traceback or a silent 130. (Before Python itself has started,
+    a few ms, SIGINT's default action still ends the process.)"""
+    with segcli_process(_segment_args(base, tmp_path / "o", tmp_path / "cache")) as proc:
+        time.sleep(delay)
+        code, err, _ = interrupt(proc)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 130 and len(lines) == 1 and "interrupted" in lines[0], (code, err)
+
+
+def test_library_warnings_stay_off_stderr(base, tmp_path):
+    """Item 12: a warning of a library (here PIL's DecompressionBombWarning, for images just above its pixel
+    limit) is not printed: the run says its summary line only. With --debug it would be shown."""
+    from segcli.images import discover_images
+
+    sizes = [Image.open(item.path).size for item in discover_images(base / "data" / "images")]
+    most, least = max(w * h for w, h in sizes), min(w * h for w, h in sizes)
+    limit = most // 2 + 1
+    if limit >= least:
+        pytest.skip("image sizes too far apart for one PIL limit")
+    argv = [str(a) for a in _segment_args(base, tmp_path / "o", tmp_path / "cache", "--workers", 0)]
+    code = (f"import sys, PIL.Image; PIL.Image.MAX_IMAGE_PIXELS = {limit}; sys.argv = ['segcli'] + {argv!r}; "
+            "from segcli.entry import main; main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 0 and len(lines) == 1 and lines[0].startswith("segment: wrote"), r.stderr
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_only_segcli_temporaries_of_dead_writers_are_swept(base, tmp_path):
+    """Item 12: the start-of-run sweep deletes only temporaries whose names segcli generates and whose writer is
+    gone: a user's own hidden *.tmp files stay, and so do a live concurrent run's temporaries."""
+    out = tmp_path / "o"
+    shutil.copytree(base / "ref_fit", out)
+    mine = [_write(out / ".notes.tmp", b"mine"), _write(out / ".img000.png.x1y2.tmp", b"mine too"),
+            _write(out / "sub" / ".draft.tmp", b"and this")]
+    alive = _write(out / f".img001.png.segcli-{os.getpid()}-abc123.tmp", b"a concurrent run's")
+    stale = _write(out / f".img002.png.segcli-{_dead_pid()}-abc123.tmp", b"a killed run's")
+    r = run_cli(*_segment_args(base, out, tmp_path / "cache", "--workers", 0))
+    assert r.exit_code == 0, r.output
+    assert all(p.read_bytes().startswith(b"mine") or p.read_bytes() == b"and this" for p in mine)
+    assert alive.exists() and not stale.exists()
+    assert masks(out) == masks(base / "ref_fit")
+
+
+def test_cache_out_of_inodes_is_exit_3(base, tmp_path, monkeypatch):
+    """Item 12: a cache file system that cannot create files (ENOSPC: no space or no inodes) ends the run with
+    exit 3 and one line naming the file, not an internal error; existing outputs stay as they were."""
+    import errno
+    import tempfile
+
+    from segcli import outputs
+
+    real = tempfile.mkstemp
+    cache = tmp_path / "cache"
+
+    def full(*args, dir=None, **kwargs):  # noqa: A002
+        if dir is not None and Path(dir).is_relative_to(cache):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", full)
+    out = tmp_path / "o"
+    shutil.copytree(base / "ref_fit", out)
+    before = digest_tree(out)
+    r = run_cli(*_segment_args(base, out, cache, "--workers", 0))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 3 and len(lines) == 1 and "No space left on device" in lines[0], r.output
+    assert str(cache) in lines[0] and "Traceback" not in r.output
+    assert digest_tree(out) == before
+
+
+def test_concurrent_runs_on_one_out_and_cache(base, tmp_path):
+    """Item 12: two runs started together on the same --out and warm --cache both finish (exit 0) with the clean
+    masks: neither sweeps the other's temporaries."""
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    shutil.copytree(base / "cache", cache)
+    for trial in range(2):
+        args = [str(a) for a in _segment_args(base, out, cache, "--workers", 0, "--no-resume")]
+        procs = [subprocess.Popen([sys.executable, "-m", "segcli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE) for _ in range(2)]
+        for p in procs:
+            p.wait(timeout=300)
+            err = p.stderr.read().decode()
+            p.stderr.close()
+            assert p.returncode == 0, (trial, err)
+        assert masks(out) == masks(base / "ref_fit")
+        assert not list(out.rglob("*.tmp"))
