@@ -35,7 +35,7 @@ app = typer.Typer(
 _DEBUG = {"on": bool(os.environ.get("SEGCLI_DEBUG"))}
 # Whether the running command's outcome is fixed (its last line is being written, its exit code known): from
 # then on SIGINT/SIGTERM change nothing (they are noted in "signalled"; segcli.entry exits with the code at once).
-FINISHED = {"done": False, "signalled": False}
+FINISHED = {"done": False, "signalled": False, "interrupted": False}
 
 
 def _finished(code: int) -> None:  # noqa: ARG001 - the code travels as the command's exit code
@@ -48,6 +48,7 @@ def _on_signal(signum, frame):  # noqa: ANN001
     if FINISHED["done"]:
         FINISHED["signalled"] = True
         return
+    FINISHED["interrupted"] = True
     raise KeyboardInterrupt
 
 
@@ -60,7 +61,7 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        FINISHED.update(done=False, signalled=False)
+        FINISHED.update(done=False, signalled=False, interrupted=False)
         previous = signal.signal(signal.SIGTERM, _on_signal)
         # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: restore
         # Ctrl-C / kill -INT so that they always stop the run promptly.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import warnings
 
 INTERRUPTED = "segcli: error: interrupted; finished files are kept: run the same command again to resume"
@@ -38,6 +39,19 @@ def _raise_interrupt(signum, frame):  # noqa: ANN001
 def _finished_state() -> dict | None:
     """segcli.cli.FINISHED, once that module is (fully) imported."""
     return getattr(sys.modules.get("segcli.cli"), "FINISHED", None)
+
+
+def _quiet_thread_errors(args) -> None:  # noqa: ANN001
+    """A background thread's exception while the run is being interrupted (a worker pool's pipes closing under
+    it: ``OSError: [Errno 9] Bad file descriptor``) is a side effect of the stop, not news: not printed.
+    Any other thread exception is printed as Python does."""
+    state = _finished_state()
+    if state is not None and (state.get("interrupted") or state.get("done")):
+        return
+    _DEFAULT_THREAD_HOOK(args)
+
+
+_DEFAULT_THREAD_HOOK = threading.excepthook
 
 
 def _debugging() -> bool:
@@ -69,6 +83,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     debug = _debugging()
+    if not debug:
+        threading.excepthook = _quiet_thread_errors
     if not debug:
         warnings.simplefilter("ignore")
         sys.warnoptions.append("ignore")  # spawned children (workers, resource tracker) start with -W ignore

@@ -283,9 +283,11 @@ def test_resource_requests_that_cannot_be_placed_fail_at_once(cluster, tmp_path)
         assert not (tmp_path / "m").exists()
 
 
-def test_sigterm_to_a_ray_driver_is_one_line(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_sigterm_to_a_ray_driver_is_one_line(tmp_path, sig):
     """Issue 20 item 11: SIGTERM to ``segcli --engine ray`` (its own cluster) ends it with exit 130 and one line,
-    not Ray's native stack dump; its cluster does not outlive it."""
+    not Ray's native stack dump; its cluster does not outlive it. After ``kill -9`` of the driver alone, its
+    cluster's processes (GCS, raylet, agents, workers) are gone within seconds (they stayed up to 2 minutes)."""
     import psutil
 
     from tests.processes import segcli_process
@@ -302,12 +304,16 @@ def test_sigterm_to_a_ray_driver_is_one_line(tmp_path):
                 pytest.fail("no feature files appeared")
             time.sleep(0.05)
         children = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, sig)
         proc.wait(timeout=120)
         err = proc.stderr.read().decode()
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], err
-    t0 = time.time()
-    while [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]:
-        assert time.time() - t0 < 30, "Ray processes outlived the driver"
-        time.sleep(0.5)
+        t0 = time.time()
+        while True:  # checked before segcli_process kills what is left of the group
+            alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+            if not alive:
+                break
+            assert time.time() - t0 < 20, f"Ray processes outlived the driver: {alive}"
+            time.sleep(0.5)
+    if sig == signal.SIGTERM:
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], err
