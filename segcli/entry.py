@@ -85,7 +85,6 @@ def main() -> None:
     debug = _debugging()
     if not debug:
         threading.excepthook = _quiet_thread_errors
-    if not debug:
         warnings.simplefilter("ignore")
         sys.warnoptions.append("ignore")  # spawned children (workers, resource tracker) start with -W ignore
     code = 0
