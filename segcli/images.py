@@ -334,12 +334,9 @@ def _walk_folder(root: Path) -> list[ImageItem]:
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTENSIONS or not stem:
                 continue
-            try:
-                ok = entry.is_file() or (is_link and not os.path.exists(entry.path))
-            except OSError:
-                ok = False
-            if ok:
-                found.append((Path(entry.path), "/".join(rel + (stem,)), ext))
+            # Every non-folder entry with an image name is listed, also a broken symlink, a FIFO or a device:
+            # reading reports it by name and skips it (a FIFO is refused from a stat, never opened).
+            found.append((Path(entry.path), "/".join(rel + (stem,)), ext))
         for entry, sub_rel in subdirs:
             try:
                 sst = entry.stat()

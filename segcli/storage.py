@@ -287,6 +287,8 @@ def not_regular(path: Path) -> str | None:
     :func:`read_bytes`, :func:`readable`): opening a FIFO blocks until a writer appears and a character device
     may never end, so such files are refused by name from a ``stat``, never opened.
     """
+    if not isinstance(path, (str, os.PathLike)):  # an open file or an in-memory buffer: nothing to open
+        return None
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):

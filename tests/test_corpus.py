@@ -517,6 +517,10 @@ CASES: dict[str, Callable[[Env], Case]] = {
     # ---- round 3 (issue 20), item 2: non-regular files, never opened (hang cases: run as processes, bounded)
     "FIFO as the input": _fifo_input,
     "FIFO as the list file": _fifo_list_file,
+    "FIFO named .png in the input folder": lambda env: (_fifo(env.images / "zz_fifo.png"),
+                                                        shutil.copy(env.feats / "img000.npz", env.feats / "zz_fifo.npz"),
+                                                        Case(env.with_model(), 4, "not a regular file (a FIFO)", out=env.tmp / "o",
+                                                             clean="model", changed=["zz_fifo"], process=True, timeout=60))[2],
     "FIFO in a list file": _fifo_in_list(link=False),
     "symlink to a FIFO in a list file": _fifo_in_list(link=True),
     "FIFO as a --features file": _fifo_feature_file,
