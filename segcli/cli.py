@@ -33,14 +33,27 @@ app = typer.Typer(
 )
 
 _DEBUG = {"on": bool(os.environ.get("SEGCLI_DEBUG"))}
+# Whether the running command's outcome is fixed (its last line is being written, its exit code known): from
+# then on SIGINT/SIGTERM change nothing (they are noted in "signalled"; segcli.entry exits with the code at once).
+FINISHED = {"done": False, "signalled": False, "interrupted": False}
+
+
+def _finished(code: int) -> None:  # noqa: ARG001 - the code travels as the command's exit code
+    FINISHED["done"] = True
+
+
+def _on_signal(signum, frame):  # noqa: ANN001
+    """SIGINT/SIGTERM during a command: stop it (KeyboardInterrupt -> exit 130 and one line), unless its outcome
+    is already fixed (the summary or error line is being written): then the signal is only noted."""
+    if FINISHED["done"]:
+        FINISHED["signalled"] = True
+        return
+    FINISHED["interrupted"] = True
+    raise KeyboardInterrupt
 
 
 def _err(message: str) -> None:
     print(f"segcli: error: {message}", file=sys.stderr, flush=True)
-
-
-def _on_sigterm(signum, frame):  # noqa: ANN001
-    raise KeyboardInterrupt
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -48,31 +61,53 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        FINISHED.update(done=False, signalled=False, interrupted=False)
+        previous = signal.signal(signal.SIGTERM, _on_signal)
         # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: restore
         # Ctrl-C / kill -INT so that they always stop the run promptly.
-        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+        previous_int = signal.signal(signal.SIGINT, _on_signal)
+        from segcli.io import outputs
+
+        outputs.forget_created()
+        succeeded = False
         try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
+            result = fn(*args, **kwargs)
+            succeeded = True
+            return result
+        except typer.Exit as exc:
+            succeeded = exc.exit_code in (0, EXIT_SKIPPED)
+            raise
+        except (typer.Abort, SystemExit):
             raise
         except SegcliError as exc:
             if _DEBUG["on"]:
                 raise
+            outputs.remove_created_if_empty()
+            _finished(exc.exit_code)
             _err(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
+            outputs.remove_created_if_empty()
+            _finished(EXIT_INTERRUPTED)
             _err("interrupted; finished files are kept: run the same command again to resume")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except MemoryError:
+            outputs.remove_created_if_empty()
+            _finished(EXIT_INTERNAL)
             _err("out of memory; try a smaller --short-side, --work-max-side or --batch-size")
             raise typer.Exit(EXIT_INTERNAL) from None
         except Exception as exc:  # noqa: BLE001
             if _DEBUG["on"]:
                 raise
+            outputs.remove_created_if_empty()
+            _finished(EXIT_INTERNAL)
             _err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and please report it)")
             raise typer.Exit(EXIT_INTERNAL) from None
         finally:
+            if succeeded:
+                outputs.forget_created()
+            else:  # a refused or interrupted run leaves no empty output folder behind
+                outputs.remove_created_if_empty()
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
 
@@ -110,7 +145,7 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbon
 DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
 FeatureCacheOpt = Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Keep each image's features in the --cache folder (default). --no-feature-cache recomputes them in every pass instead (fit and predict read them 2-4 times): cheaper than the file I/O on a GPU, not on a CPU. Region bundles are cached either way.", rich_help_panel="Backbone")]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1, except 0 when the backbone runs on the CPU (its forward already uses every core); 0 = in the main process. With --engine ray: the backbone actors, one backbone each (default: one per GPU when the run uses GPUs, else 1). Results do not depend on it.", rich_help_panel="Backbone")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1, except 0 when the backbone runs on the CPU (its forward already uses every core); 0 = in the main process; at most the cores this process may use (at least 2): each worker holds its own copy of the model and more workers than cores only add memory and time. With --engine ray: the backbone actors, one backbone each (default: one per GPU when the run uses GPUs, else 1). Results do not depend on it.", rich_help_panel="Backbone")]
 DevicePath = Annotated[Optional[bool], typer.Option("--device-path/--host-path", help="Run the region pass (fusion, image-level k-means, refinement, crops) batched on the backbone's device (default: when it is a CUDA GPU) or image by image in the --workers pool. Same masks either way with --assign pooled/parts; crops resized by torch instead of PIL with cls.", rich_help_panel="Backbone")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
@@ -124,7 +159,7 @@ Refine = Annotated[str, typer.Option("--refine", help="Refiner of the foreground
 CrfMaxSide = Annotated[int, typer.Option("--crf-max-side", help="--refine densecrf: run the CRF at this long side (kernels scaled), then upsample; 0 = full size.", rich_help_panel="Method")]
 Assign = Annotated[str, typer.Option("--assign", help="Class assignment: cls (CLS tokens of region crops) | pooled (mean patch feature of each region) | parts (community detection over parts) | probe (STEGO's own cluster probe labels each patch; needs a STEGO checkpoint and --feature code).", rich_help_panel="Method")]
 ClassMethod = Annotated[str, typer.Option("--class-method", help="kmeans|spectral clustering of region embeddings.", rich_help_panel="Method")]
-Parts = Annotated[int, typer.Option("--parts", help="Number of parts to over-cluster into with --assign parts.", rich_help_panel="Method")]
+Parts = Annotated[int, typer.Option("--parts", help="Number of parts to over-cluster into with --assign parts: 2..1024 and at most --max-samples (the part graph is parts x parts per image).", rich_help_panel="Method")]
 Regions = Annotated[str, typer.Option("--regions", help="components (one region per connected component) | whole (the whole foreground).", rich_help_panel="Method")]
 MinRegion = Annotated[float, typer.Option("--min-region", help="Drop components smaller than this fraction of the image (capped at --min-region-px).", rich_help_panel="Method")]
 MinRegionPx = Annotated[int, typer.Option("--min-region-px", help="A component of at least this many pixels is always kept.", rich_help_panel="Method")]
@@ -219,8 +254,12 @@ def _check_run_options(opts: dict) -> SegmentConfig:
         raise UsageError(f"--batch-size must be at least 1, got {opts['batch_size']}")
     if opts["decode_workers"] is not None and not 0 <= opts["decode_workers"] <= 256:
         raise UsageError(f"--decode-workers must be between 0 and 256, got {opts['decode_workers']}")
-    if opts["workers"] is not None and not 0 <= opts["workers"] <= 256:
-        raise UsageError(f"--workers must be between 0 and 256, got {opts['workers']}")
+    if opts["workers"] is not None and str(opts["engine"]).strip().lower() != "ray":
+        from segcli.engines.pool import max_workers
+
+        if not 0 <= opts["workers"] <= max_workers():
+            raise UsageError(f"--workers must be between 0 and {max_workers()} (the cores this process may use: "
+                             f"more processes only add memory and time), got {opts['workers']}")
     import re
 
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(opts["device"]).strip().lower()):
@@ -270,6 +309,43 @@ def _protect_inputs(source: Path, items: list, opts: dict, folders: dict, model_
     files += [p for p in (opts["weights"], model_in) if p is not None]
     folders = {**folders, "--overlay": opts["overlay"], "--cache": opts["cache"] or default_cache_dir()}
     check_apart_from_inputs(folders, dirs, files, {"--out": model_out})
+
+
+def _given_options() -> set[str] | None:
+    """The parameters typed on the command line (or set from the environment), from click's context; None
+    when there is no context (a direct call)."""
+    try:
+        from typer._click.core import ParameterSource
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - another typer layout
+        return None
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return None
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+
+
+def _check_model_options(opts: dict, fitted, model: Path) -> None:  # noqa: ANN001
+    """segment --model: the method is the model file's. A method option given with a value other than the
+    model's is refused (exit 2) rather than silently ignored; one given with the model's own value is fine."""
+    from segcli.errors import UsageError
+
+    given = _given_options()
+    defaults = {name: default for name, _, default in _SHARED_OPTIONS}
+    config = fitted.config
+    differ = []
+    for name, fld in _CONFIG_OPTIONS.items():
+        if name == "backbone":  # checked on its own (resolved aliases)
+            continue
+        typed = name in given if given is not None else opts[name] != defaults.get(name)
+        if typed and opts[name] is not None and opts[name] != getattr(config, fld):
+            differ.append((name, opts[name], getattr(config, fld)))
+    if differ:
+        flags = ", ".join(f"--{n.replace('_', '-')} {v}" for n, v, _ in differ)
+        theirs = ", ".join(f"{n.replace('_', '-')}={m}" for n, _, m in differ)
+        raise UsageError(f"{flags}: the method is fixed by the model file {model} ({theirs}); drop these options "
+                         "or fit another model with cluster-dataset")
 
 
 def _check_remote_outputs(*folders) -> None:
@@ -343,6 +419,7 @@ def _finish(command: str, summary, out: Path | None, started: float) -> None:
     from rich.console import Console
 
     where = f" to {out}" if out is not None else ""
+    _finished(EXIT_SKIPPED if summary.skipped else 0)  # the run is over: a signal now changes nothing
     Console(stderr=True, highlight=False).print(
         f"{command}: wrote {summary.written} masks{where} ({summary.reused} kept from an earlier run, "
         f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s", soft_wrap=True
@@ -383,6 +460,7 @@ def segment(
 
             if resolve_backbone_name(opts["backbone"]) != fitted.config.backbone:
                 raise ModelError(f"{model} was fitted with backbone {fitted.config.backbone}, not {opts['backbone']}")
+        _check_model_options(opts, fitted, model)
     with _engine_session(opts):
         if fitted is not None:
             seg = _segmenter(fitted.config, reporter, opts, model=fitted)
@@ -420,6 +498,10 @@ def cluster_dataset(
     items = discover_images(dataset, opts["split"])
     _protect_inputs(dataset, items, opts, {"--masks": masks}, model_out=out)
     _check_remote_outputs(opts["overlay"], None if out is None else out.parent)
+    if out is not None:  # a folder, a path under a file or a user's other file: refused before the fit
+        from segcli.method.model import check_model_out
+
+        check_model_out(out)
     if masks is not None:
         from segcli.io.outputs import prepare_output_dir
 
@@ -568,4 +650,8 @@ def main() -> None:
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None and kind != "ClickException" else ""
         _err(" ".join(exc.format_message().split()) + where)
         sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code == EXIT_INTERRUPTED and not FINISHED["done"]:
+        # Ctrl-C while click was still parsing (typer turns it into exit 130 silently): say it like every run.
+        _err("interrupted; finished files are kept: run the same command again to resume")
+    sys.exit(code)

@@ -24,6 +24,7 @@ REGION_MODES = ("components", "whole")
 PRIORS = ("levels", "maskdistill", "vote")
 # Label PNGs are 8-bit palette images: ids 0..255, so at most 256 classes (background included).
 MAX_K = 256
+MAX_PARTS = 1024  # --parts: the part graph is MAX_PARTS^2 int64 counts (8 MB) per image
 # Seeds reach numpy, scikit-learn (which needs < 2**32) and faiss, with small offsets added per level.
 MAX_SEED = 2**31 - 1
 # Fewest images per CLS-token category by default (Config.category_count): below it a category level is a
@@ -103,7 +104,10 @@ class SegmentConfig:
         need(self.min_region_px >= 0, f"--min-region-px must be at least 0, got {self.min_region_px}")
         need(self.crop_size >= 16, "--crop-size must be at least 16")
         need(0.0 <= self.crop_margin < 1.0, "--crop-margin must be a fraction in [0, 1)")
-        need(self.n_parts >= 2, "--parts must be at least 2")
+        # The part graph is n_parts x n_parts per image and the k-means fit needs a sample per part: bounded so
+        # that one option cannot make memory grow as its square (--parts 16000 took 5.7 GB).
+        need(2 <= self.n_parts <= MAX_PARTS, f"--parts must be between 2 and {MAX_PARTS}, got {self.n_parts}")
+        need(self.n_parts <= self.max_samples, f"--parts {self.n_parts} is more than --max-samples {self.max_samples}")
         need(self.refine in REFINE_METHODS, f"unknown --refine {self.refine!r}; use one of {', '.join(REFINE_METHODS)}")
         need(self.crf_iterations >= 1, "--crf-iterations must be at least 1")
         need(self.crf_max_side == 0 or self.crf_max_side >= 16, "--crf-max-side must be 0 (full size) or at least 16")

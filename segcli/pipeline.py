@@ -75,6 +75,11 @@ class Segmenter:
             if probe is None or self.config.feature_kind != "code":
                 raise UsageError("--assign probe labels patches with STEGO's cluster probe: it needs a STEGO checkpoint "
                                  "(--weights) and --feature code")
+            from segcli.io.outputs import MAX_LABEL_ID
+
+            if probe.shape[0] > MAX_LABEL_ID:  # its labels are 1..P: they must fit a label PNG
+                raise ModelError(f"STEGO's cluster probe has {probe.shape[0]} clusters, but a label PNG holds class ids "
+                                 f"up to {MAX_LABEL_ID}: use --assign parts, pooled or cls with this checkpoint")
         bb = self.source.backbone
         if bb is not None and getattr(bb, "weights_source", ""):
             self.reporter.note(f"backbone {bb.name} ({bb.system}) with weights from {bb.weights_source}")
@@ -456,6 +461,13 @@ class Segmenter:
                 written += 1
         finally:
             self.engine.close()
+            # Worker processes stopped mid-write (Ctrl-C, an error) leave their temporaries: sweep those of
+            # processes that are gone, so an interrupted run leaves only finished files.
+            from segcli.io.outputs import remove_stale_temporaries
+
+            for folder in (out, ov):
+                if folder is not None:
+                    remove_stale_temporaries(folder)
         return written
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from segcli.config import SegmentConfig
 from segcli.engines.ray import (ACTOR_BATCH_MIN, MAX_RESTARTS, TASK_BATCH, CropActor, FeatureActor, WorkerSpec, absolute,
                                bind, finish_task, item_rows, raise_fatal, regions_task, retry_args, unpack)
 from segcli.engines.ray_cluster import RayOptions
-from segcli.errors import BadImageError, SegcliError
+from segcli.errors import BadImageError, SegcliError, UsageError
 from segcli.pipeline import RunSummary, Segmenter
 
 class RaySegmenter(Segmenter):
@@ -69,6 +69,18 @@ class RaySegmenter(Segmenter):
             self.gpus_per_worker = 1.0 if gpus and self.source.folder is None and device not in ("cpu", "mps") else 0.0
         self.workers = self.options.workers or (max(1, int(gpus // self.gpus_per_worker)) if self.gpus_per_worker else 1)
         self.actor_batch = max(ACTOR_BATCH_MIN, 2 * int(worker.get("batch_size", 8)))
+        self._check_capacity()
+
+    def _check_capacity(self) -> None:
+        """Refuse (exit 2, one line) an actor pool the whole cluster cannot hold: Ray Data waits for every actor of
+        the pool, forever when they do not fit (one actor per node is checked by ray_cluster.check_resources)."""
+        total = self.ray.cluster_resources()
+        for flag, key, each in (("--cpus-per-worker", "CPU", self.options.cpus_per_worker),
+                                ("--gpus-per-worker", "GPU", self.gpus_per_worker)):
+            have = float(total.get(key, 0))
+            if each and self.workers * each > have + 1e-9:
+                raise UsageError(f"--workers {self.workers} x {flag} {each:g} = {self.workers * each:g} {key}s, but the "
+                                 f"Ray cluster has {have:g}; Ray would wait forever: ask for fewer")
 
     # ------------------------------------------------------------------ Ray Data plumbing
     def _spec(self, model=None, **extra) -> WorkerSpec:

@@ -6,7 +6,6 @@ deep msgpack nesting and non-float weights are refused with exit 5 and one line 
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 import struct
@@ -20,8 +19,8 @@ import pytest
 import torch
 
 from segcli.vit.checkpoints import open_checkpoint, read_checkpoint
-from segcli.vit.checkpoints.safe_pickle import RefusedGlobal, UnsafeSize, load_zip_checkpoint
-from segcli.vit.checkpoints.vit import fit_state_dict, infer_arch
+from segcli.vit.checkpoints.safe_pickle import RefusedGlobal, load_zip_checkpoint
+from segcli.vit.checkpoints.vit import fit_state_dict
 from segcli.errors import ModelError
 from tests.checkpoints import TINY, random_state_dict, save_checkpoint
 from tests.cli_helpers import cli, ok

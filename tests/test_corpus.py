@@ -16,6 +16,10 @@ import hashlib
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +31,7 @@ from typer.testing import CliRunner
 
 from segcli.cli import app
 from tests.corrupt import damage, npz_arrays, write_npz
+from tests.processes import ROOT, interrupt, segcli_process
 from tests.synthetic import make_dataset
 
 runner = CliRunner()
@@ -44,6 +49,9 @@ class Case:
     changed: list[str] = field(default_factory=list)  # keys whose masks are not compared (the bad ones)
     lines: int = 1  # message lines expected on stderr (the last one holds the fragment)
     process: bool = False  # run `python -m segcli` (click's own parse errors are turned into one line there)
+    absent: bool = False  # --out does not exist before and must not exist after (a refused run creates nothing)
+    memory_gb: float | None = None  # run as a process under this address-space cap (RLIMIT_AS)
+    timeout: float = 300  # a process case that hangs fails after this many seconds
 
 
 @dataclass
@@ -90,12 +98,24 @@ class ProcessResult:
     output: str
 
 
-def run_process(*args) -> ProcessResult:
+def run_process(*args, memory_gb: float | None = None, timeout: float = 300) -> ProcessResult:
+    """``python -m segcli ARGS``; with ``memory_gb``, under that address-space cap (a blow-up becomes a failure
+    of the case, not of the machine); a run past ``timeout`` (a hang) fails the case."""
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "segcli", *[str(a) for a in args]], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+    def cap() -> None:
+        import resource
+
+        limit = int(memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    try:
+        p = subprocess.run([sys.executable, "-m", "segcli", *[str(a) for a in args]], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1], timeout=timeout,
+                           preexec_fn=cap if memory_gb else None)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"segcli {' '.join(map(str, args))} still ran after {timeout} s (a hang)")
     return ProcessResult(p.returncode, p.stderr, p.stdout + p.stderr)
 
 
@@ -294,6 +314,111 @@ def _bad_gt_value(env: Env) -> list:
     return ["--num-classes", 2]
 
 
+# ------------------------------------------------------------------------- round 3 (issue 20) builders
+def _fifo(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def _fifo_input(env: Env) -> Case:
+    """A FIFO named like an image given as the input: refused by name from a stat, never opened (it blocked)."""
+    fifo = _fifo(env.tmp / "pipe.png")
+    return Case(env.features(), 3, "not a regular file (a FIFO)", command=f"segment:{fifo}", out=env.tmp / "o",
+                process=True, timeout=60)
+
+
+def _fifo_list_file(env: Env) -> Case:
+    fifo = _fifo(env.tmp / "list.txt")
+    return Case(env.features(), 3, "not a regular file (a FIFO)", command=f"segment:{fifo}", out=env.tmp / "o",
+                process=True, timeout=60)
+
+
+def _fifo_in_list(link: bool):
+    """A FIFO (or a symlink to one) listed in a .txt list next to the good images: skipped by name (exit 4), the
+    other images' masks as a clean run writes them."""
+    def build(env: Env) -> Case:
+        fifo = _fifo(env.tmp / "pipes" / "zz_fifo.png")
+        entry = env.images / "zz_fifo.png"
+        if link:
+            os.symlink(fifo, entry)
+        else:
+            entry = fifo
+        shutil.copy(env.feats / "img000.npz", env.feats / "zz_fifo.npz")
+        names = sorted(p.name for p in env.images.glob("img*.png")) + [str(entry)]
+        lst = _write(env.images / "list.txt", "\n".join(names).encode() + b"\n")
+        return Case(env.with_model(), 4, "not a regular file (a FIFO)", command=f"segment:{lst}", out=env.tmp / "o",
+                    clean="model", changed=["zz_fifo"], process=True, timeout=60)
+    return build
+
+
+def _fifo_feature_file(env: Env) -> Case:
+    (env.feats / "img003.npz").unlink()
+    _fifo(env.feats / "img003.npz")
+    return Case(env.with_model(), 4, "not a regular file (a FIFO)", out=env.tmp / "o", clean="model",
+                changed=["img003"], process=True, timeout=60)
+
+
+def _model_out(where: Callable[[Env], Path], code: int, fragment: str):
+    """cluster-dataset --out that cannot take the model: refused before the fit, the path left as it was."""
+    def build(env: Env) -> Case:
+        return Case(env.features("--out", where(env)), code, fragment, command="cluster-dataset")
+    return build
+
+
+def _refused_fresh_out(*extra, code: int, fragment: str, weights: bool = False, model: bool = False):
+    """A run refused before any work: its --out (which did not exist) is not left behind, empty."""
+    def build(env: Env) -> Case:
+        if weights:
+            from tests.checkpoints import SMALL, checkpoint_file
+
+            args = ["--weights", checkpoint_file(SMALL, "timm", 0), "--short-side", 32, "--max-side", 64,
+                    "--cache", env.tmp / "cache", "--quiet", "--k", 3, *extra]
+        elif model:
+            args = env.with_model(*extra)
+        else:
+            args = env.features(*extra)
+        return Case(args, code, fragment, out=env.tmp / "fresh" / "o", absent=True)
+    return build
+
+
+def _evaluate_bomb(env: Env) -> list:
+    _decompression_bomb(env.data / "pred" / "b.png")
+    return ["--num-classes", 2]
+
+
+def _symlink_loop_gt(env: Env) -> Case:
+    case = _evaluate(lambda env: ["--num-classes", 2], 3, "symlink loop")(env)
+    loop = env.tmp / "loop"
+    os.symlink(loop, loop)
+    case.args[1] = loop
+    return case
+
+
+def _big_non_image(env: Env) -> Case:
+    """A 256 MiB sparse file that is no image, named .png, under a 3 GB address-space cap: skipped after a 16-byte
+    look (it was read or downloaded whole, twice)."""
+    big = env.images / "zz_big.png"
+    with open(big, "wb") as f:
+        f.write(b"\x00\x00\x00\x18ftypmp42")
+        f.truncate(256 << 20)
+    shutil.copy(env.feats / "img000.npz", env.feats / "zz_big.npz")
+    return Case(env.with_model(), 4, "zz_big", out=env.tmp / "o", clean="model", changed=["zz_big"], memory_gb=3)
+
+
+def _corrupt_features_with_prior(prior: str):
+    """Item 13: every feature file holds a proposal, one file is damaged: with every --prior it is reported and
+    skipped (exit 4) and the others are segmented (maskdistill/vote refused the whole run, exit 3)."""
+    def build(env: Env) -> Case:
+        for f in sorted(env.feats.glob("*.npz")):
+            arrays = npz_arrays(f)
+            arrays["proposal"] = arrays["attn"] >= np.median(arrays["attn"])
+            write_npz(f, arrays)
+        _write(env.feats / "img003.npz", b"not an npz file at all")
+        return Case(env.features("--prior", prior), 4, "img003", out=env.tmp / "o")
+    return build
+
+
 CASES: dict[str, Callable[[Env], Case]] = {
     # ---- round 1: paths and options
     "missing input folder": lambda env: Case(env.features(), 3, "not found", command=f"segment:{env.tmp / 'nope'}", out=env.tmp / "o"),
@@ -389,6 +514,50 @@ CASES: dict[str, Callable[[Env], Case]] = {
     "evaluate: prediction without ground truth": _evaluate(_drop_gt, 3, "no ground truth"),
     "evaluate: ground-truth value out of range": _evaluate(_bad_gt_value, 3, "7"),
     "evaluate: --workers 0": _evaluate(lambda env: ["--num-classes", 2, "--workers", 0], 2, "--workers"),
+    # ---- round 3 (issue 20), item 2: non-regular files, never opened (hang cases: run as processes, bounded)
+    "FIFO as the input": _fifo_input,
+    "FIFO as the list file": _fifo_list_file,
+    "FIFO named .png in the input folder": lambda env: (_fifo(env.images / "zz_fifo.png"),
+                                                        shutil.copy(env.feats / "img000.npz", env.feats / "zz_fifo.npz"),
+                                                        Case(env.with_model(), 4, "not a regular file (a FIFO)", out=env.tmp / "o",
+                                                             clean="model", changed=["zz_fifo"], process=True, timeout=60))[2],
+    "FIFO in a list file": _fifo_in_list(link=False),
+    "symlink to a FIFO in a list file": _fifo_in_list(link=True),
+    "FIFO as a --features file": _fifo_feature_file,
+    "FIFO as --model": _model_file(lambda s, d: _fifo(d), "not a regular file (a FIFO)"),
+    # ---- item 5/6: model files and method options with --model
+    "--model is a folder": _model_file(lambda s, d: d.mkdir(), "is a folder"),
+    "--stuff 2 with --model": lambda env: Case(env.with_model("--stuff", 2), 2, "fixed by the model file", out=env.tmp / "o"),
+    "--k 9 --assign parts with --model": lambda env: Case(env.with_model("--k", 9, "--assign", "parts"), 2,
+                                                          "--k 9, --assign parts", out=env.tmp / "o"),
+    # ---- item 8: options whose cost grew without bound (under a memory cap: refused before any allocation)
+    "--parts 16000": lambda env: Case(env.features("--assign", "parts", "--parts", 16000), 2, "--parts must be between 2 and 1024",
+                                      out=env.tmp / "o", memory_gb=3),
+    "--parts above --max-samples": _option("--parts", "500", "--max-samples", "200", fragment="--max-samples 200"),
+    "--workers 64": lambda env: Case(env.features("--workers", 64), 2, "--workers must be between 0 and",
+                                     out=env.tmp / "o", memory_gb=3),
+    # ---- item 9: a large non-image file is never read whole
+    "big non-image file named .png": _big_non_image,
+    # ---- item 12: model destinations refused before the fit, a user's file never replaced
+    "cluster-dataset --out under a file": _model_out(lambda env: _write(env.tmp / "afile", b"x") / "sub" / "m.segcli", 3, "is a file, not a folder"),
+    "cluster-dataset --out onto a folder": _model_out(lambda env: (env.tmp / "adir").mkdir() or env.tmp / "adir", 2, "is a folder"),
+    "cluster-dataset --out over a user's file": _model_out(lambda env: _write(env.data / "notes.txt", b"my notes\n"), 3,
+                                                          "is not a segcli model file"),
+    "evaluate: decompression-bomb prediction": _evaluate(_evaluate_bomb, 3, "b.png"),
+    "evaluate: --json into a missing folder chain": _evaluate(lambda env: ["--num-classes", 2, "--json", env.tmp / "x" / "y" / "s.json"], 3, "does not exist"),
+    "evaluate: --plot into a missing folder chain": _evaluate(lambda env: ["--num-classes", 2, "--plot", env.tmp / "x" / "y" / "p.png"], 3, "does not exist"),
+    "evaluate: ground truth is a symlink loop": _symlink_loop_gt,
+    # refused runs leave no empty --out behind
+    "--assign probe without STEGO weights": _refused_fresh_out("--assign", "probe", "--device", "cpu", code=2, fragment="STEGO", weights=True),
+    "--precision fp16 on the CPU": _refused_fresh_out("--precision", "fp16", "--device", "cpu", code=2, fragment="fp16", weights=True),
+    "--proposal-heads 1000 on a 6-head ViT": _refused_fresh_out("--proposal-heads", 1000, "--device", "cpu", code=2,
+                                                                 fragment="6 attention heads", weights=True),
+    "bad model with a fresh --out": lambda env: (_write(env.tmp / "m.segcli", b"garbage"), Case(
+        ["--model", env.tmp / "m.segcli", "--features", env.feats, "--cache", env.tmp / "cache", "--quiet"], 5, "m.segcli",
+        out=env.tmp / "fresh" / "o", absent=True))[1],
+    "--prior maskdistill without proposals, fresh --out": _refused_fresh_out("--prior", "maskdistill", code=3, fragment="proposal"),
+    # ---- item 13: one rule for an unusable --features file, whatever the prior (reported and skipped)
+    **{f"features: not a zip, --prior {prior}": _corrupt_features_with_prior(prior) for prior in ("levels", "maskdistill", "vote")},
 }
 
 
@@ -419,13 +588,18 @@ def test_bad_input(base, tmp_path, name):
             argv += ["--out", case.out]
     # A failure must leave an existing output folder as it was: pre-fill it with a clean run's masks.
     prefilled = None
-    if case.code not in (0, 4) and case.out is not None and not case.out.exists():
+    if case.absent:
+        assert case.out is not None and not case.out.exists()
+    elif case.code not in (0, 4) and case.out is not None and not case.out.exists():
         shutil.copytree(base / "ref_model", case.out)
         prefilled = digest_tree(case.out)
     before = digest_tree(env.data)
     source_before = digest_tree(source) if source.is_dir() and not source.is_relative_to(env.data) else None
 
-    r = run_process(*argv) if case.process else run_cli(*argv)
+    if case.process or case.memory_gb:
+        r = run_process(*argv, memory_gb=case.memory_gb, timeout=case.timeout)
+    else:
+        r = run_cli(*argv)
 
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     messages = [ln for ln in lines if not ln.startswith(("segment: wrote", "cluster-dataset: "))]
@@ -440,6 +614,8 @@ def test_bad_input(base, tmp_path, name):
     assert digest_tree(env.data) == before
     if source_before is not None:
         assert digest_tree(source) == source_before
+    if case.absent:
+        assert not case.out.exists(), f"{name}: a refused run left {case.out} behind"
     # Other outputs intact.
     if prefilled is not None:
         assert digest_tree(case.out) == prefilled
@@ -449,3 +625,123 @@ def test_bad_input(base, tmp_path, name):
         expected = {k: v for k, v in ref.items() if k not in case.changed}
         assert {k: v for k, v in got.items() if k not in case.changed} == expected
         assert not any(k in got for k in case.changed)
+
+
+# ------------------------------------------------ round 3 (issue 20): processes, signals, temporaries, full disks
+def _segment_args(base: Path, out: Path, cache: Path, *extra) -> list:
+    d = base / "data"
+    return ["segment", d / "images", "--out", out, "--features", d / "features", "--cache", cache, *FAST, *extra]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_right_after_the_summary_changes_nothing(base, tmp_path, sig):
+    """Item 12: a signal while the interpreter tears down after the summary line exits with the run's own code
+    (0) and prints nothing more (it exited 143, or printed a 9-line traceback for SIGINT)."""
+    out = tmp_path / "o"
+    with segcli_process(_segment_args(base, out, tmp_path / "cache", "--workers", 1)) as proc:
+        line = b""
+        while not line.startswith(b"segment: wrote"):
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "the run ended without a summary"
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+        rest = proc.stderr.read().decode()
+    assert proc.returncode == 0 and rest.strip() == "", (proc.returncode, rest)
+    assert masks(out) == masks(base / "ref_fit")
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.6, 1.2])
+def test_ctrl_c_while_starting_is_one_line(base, tmp_path, delay):
+    """Item 12: Ctrl-C while the CLI is still being imported or parses its options (the first second on a loaded
+    machine): exit 130 and the one line, never a traceback or a silent 130. (Before Python itself has started,
+    a few ms, SIGINT's default action still ends the process.)"""
+    with segcli_process(_segment_args(base, tmp_path / "o", tmp_path / "cache")) as proc:
+        time.sleep(delay)
+        code, err, _ = interrupt(proc)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 130 and len(lines) == 1 and "interrupted" in lines[0], (code, err)
+
+
+def test_library_warnings_stay_off_stderr(base, tmp_path):
+    """Item 12: a warning of a library (here PIL's DecompressionBombWarning, for images just above its pixel
+    limit) is not printed: the run says its summary line only. With --debug it would be shown."""
+    from segcli.io.images import discover_images
+
+    sizes = [Image.open(item.path).size for item in discover_images(base / "data" / "images")]
+    most, least = max(w * h for w, h in sizes), min(w * h for w, h in sizes)
+    limit = most // 2 + 1
+    if limit >= least:
+        pytest.skip("image sizes too far apart for one PIL limit")
+    argv = [str(a) for a in _segment_args(base, tmp_path / "o", tmp_path / "cache", "--workers", 0)]
+    code = (f"import sys, PIL.Image; PIL.Image.MAX_IMAGE_PIXELS = {limit}; sys.argv = ['segcli'] + {argv!r}; "
+            "from segcli.entry import main; main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 0 and len(lines) == 1 and lines[0].startswith("segment: wrote"), r.stderr
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_only_segcli_temporaries_of_dead_writers_are_swept(base, tmp_path):
+    """Item 12: the start-of-run sweep deletes only temporaries whose names segcli generates and whose writer is
+    gone: a user's own hidden *.tmp files stay, and so do a live concurrent run's temporaries."""
+    out = tmp_path / "o"
+    shutil.copytree(base / "ref_fit", out)
+    mine = [_write(out / ".notes.tmp", b"mine"), _write(out / ".img000.png.x1y2.tmp", b"mine too"),
+            _write(out / "sub" / ".draft.tmp", b"and this")]
+    alive = _write(out / f".img001.png.segcli-{os.getpid()}-abc123.tmp", b"a concurrent run's")
+    stale = _write(out / f".img002.png.segcli-{_dead_pid()}-abc123.tmp", b"a killed run's")
+    r = run_cli(*_segment_args(base, out, tmp_path / "cache", "--workers", 0))
+    assert r.exit_code == 0, r.output
+    assert all(p.read_bytes().startswith(b"mine") or p.read_bytes() == b"and this" for p in mine)
+    assert alive.exists() and not stale.exists()
+    assert masks(out) == masks(base / "ref_fit")
+
+
+def test_cache_out_of_inodes_is_exit_3(base, tmp_path, monkeypatch):
+    """Item 12: a cache file system that cannot create files (ENOSPC: no space or no inodes) ends the run with
+    exit 3 and one line naming the file, not an internal error; existing outputs stay as they were."""
+    import errno
+    import tempfile
+
+    from segcli.io import outputs
+
+    real = tempfile.mkstemp
+    cache = tmp_path / "cache"
+
+    def full(*args, dir=None, **kwargs):  # noqa: A002
+        if dir is not None and Path(dir).is_relative_to(cache):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", full)
+    out = tmp_path / "o"
+    shutil.copytree(base / "ref_fit", out)
+    before = digest_tree(out)
+    r = run_cli(*_segment_args(base, out, cache, "--workers", 0))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 3 and len(lines) == 1 and "No space left on device" in lines[0], r.output
+    assert str(cache) in lines[0] and "Traceback" not in r.output
+    assert digest_tree(out) == before
+
+
+def test_concurrent_runs_on_one_out_and_cache(base, tmp_path):
+    """Item 12: two runs started together on the same --out and warm --cache both finish (exit 0) with the clean
+    masks: neither sweeps the other's temporaries."""
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    shutil.copytree(base / "cache", cache)
+    for trial in range(2):
+        args = [str(a) for a in _segment_args(base, out, cache, "--workers", 0, "--no-resume")]
+        procs = [subprocess.Popen([sys.executable, "-m", "segcli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE) for _ in range(2)]
+        for p in procs:
+            p.wait(timeout=300)
+            err = p.stderr.read().decode()
+            p.stderr.close()
+            assert p.returncode == 0, (trial, err)
+        assert masks(out) == masks(base / "ref_fit")
+        assert not list(out.rglob("*.tmp"))

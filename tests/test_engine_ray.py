@@ -264,3 +264,56 @@ def test_worker_errors_are_one_line(cluster, tmp_path):
 def test_workers_with_engine_ray_counts_backbone_actors():
     r = cli("segment", ROOT / "examples", "--out", "/nonexistent/x", "--engine", "ray", "--workers", 0)
     assert r.exit_code == 2 and "--workers with --engine ray" in r.output, r.output
+
+
+def test_resource_requests_that_cannot_be_placed_fail_at_once(cluster, tmp_path):
+    """Issue 20 item 1: a backbone worker bigger than any node (64 CPUs or 1 GPU on a 2-CPU, GPU-less cluster), or
+    a pool bigger than the cluster, is refused at once with one line (exit 2) instead of Ray waiting forever."""
+    images = make_images(tmp_path / "images", 2, bad=False)
+    cases = [(["--cpus-per-worker", 64], "--cpus-per-worker 64"), (["--workers", 3, "--cpus-per-worker", 1], "--workers 3")]
+    if not cluster.cluster_resources().get("GPU"):
+        cases.append((["--gpus-per-worker", 1], "--gpus-per-worker 1"))
+    for extra, fragment in cases:
+        t0 = time.time()
+        r = cli("segment", images, "--out", tmp_path / "m", "--cache", tmp_path / "c", "--engine", "ray",
+                *weights(), *FAST, *extra)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and fragment in lines[0] and "wait forever" in lines[0], r.output
+        assert time.time() - t0 < 60
+        assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_sigterm_to_a_ray_driver_is_one_line(tmp_path, sig):
+    """Issue 20 item 11: SIGTERM to ``segcli --engine ray`` (its own cluster) ends it with exit 130 and one line,
+    not Ray's native stack dump; its cluster does not outlive it. After ``kill -9`` of the driver alone, its
+    cluster's processes (GCS, raylet, agents, workers) are gone within seconds (they stayed up to 2 minutes)."""
+    import psutil
+
+    from tests.processes import segcli_process
+
+    images = make_images(tmp_path / "images", 12, seed=1300, bad=False)
+    cache = tmp_path / "cache"
+    with segcli_process(["segment", images, "--out", tmp_path / "masks", "--cache", cache, "--engine", "ray",
+                         *weights(), *FAST]) as proc:
+        t0 = time.time()
+        while not feature_files(cache):
+            if proc.poll() is not None:
+                pytest.fail("the run ended before it could be interrupted: " + proc.stderr.read().decode())
+            if time.time() - t0 > 240:
+                pytest.fail("no feature files appeared")
+            time.sleep(0.05)
+        children = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=120)
+        err = proc.stderr.read().decode()
+        t0 = time.time()
+        while True:  # checked before segcli_process kills what is left of the group
+            alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+            if not alive:
+                break
+            assert time.time() - t0 < 20, f"Ray processes outlived the driver: {alive}"
+            time.sleep(0.5)
+    if sig == signal.SIGTERM:
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], err

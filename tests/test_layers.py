@@ -31,6 +31,7 @@ LAYERS = {
     "segcli.engines": "engines",
     "segcli.evaluate": "evaluate",
     "segcli.cli": "face",
+    "segcli.entry": "face",
     "segcli.pipeline": "face",
     "segcli.ray_segmenter": "face",
     "segcli.report": "face",

@@ -5,7 +5,6 @@ does (exit 5, its marker file never appears)."""
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -471,3 +470,39 @@ def test_restricted_unpickler_rebuilds_tensors_bit_identically(tmp_path):
     assert got["hyper_parameters"]["nested"] == {"a": [1, 2, (3, 4)]} and got["hyper_parameters"]["lr"] == 0.1
     (cb,) = got["callbacks"].values()
     assert float(cb["score"]) == 0.5
+
+
+# ---------------------------------------------------------------------------- issue 20: ids and probe models
+
+
+def test_probe_with_more_clusters_than_a_png_holds_is_refused(images, tmp_path):
+    """Item 3: a STEGO probe of 300 clusters would write ids 256.. wrapped to 0.. in the uint8 PNGs: refused
+    before any work (exit 5, one line), no output folder left."""
+    path = tmp_path / "stego300.ckpt"
+    save_stego(path, "omegaconf", extra=273)  # 27 + 273 = 300 probe clusters
+    r = ok(cli("segment", images, "--out", tmp_path / "masks", "--weights", path, "--assign", "probe", "--k", 3,
+               "--cache", tmp_path / "cache", "--short-side", 64, "--max-side", 96, *FAST), code=5)
+    assert "300 clusters" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "masks").exists()
+
+
+def test_label_ids_never_wrap():
+    """The one id-width check: ids above 255 are an error, never a uint8 wrap-around (256 -> 0 = background)."""
+    from segcli.io.outputs import label_ids
+
+    assert label_ids(np.array([[0, 255]], np.int64)).dtype == np.uint8
+    with pytest.raises(ValueError, match="do not fit"):
+        label_ids(np.array([[1, 256]], np.int64))
+
+
+def test_probe_model_with_a_small_k_loads(files, images, tmp_path):
+    """Item 5: cluster-dataset --assign probe --k 3 (a 27-cluster probe) writes a model that segment --model loads."""
+    path, _ = files["stego-omegaconf"]
+    model_file = tmp_path / "m.segcli"
+    ok(cli("cluster-dataset", images, "--out", model_file, "--weights", path, "--assign", "probe", "--k", 3,
+           "--cache", tmp_path / "cache", "--short-side", 64, "--max-side", 96, *FAST))
+    m = SegModel.load(model_file)
+    assert m.config.k == 3 and list(m.part_classes) == list(range(1, 28))
+    ok(cli("segment", images, "--model", model_file, "--out", tmp_path / "masks", "--weights", path,
+           "--cache", tmp_path / "cache", "--device", "cpu", "--quiet"))
+    assert read_label_png(tmp_path / "masks" / "a.png").max() <= 27

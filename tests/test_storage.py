@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from segcli.io import storage
-from segcli.errors import InputError, UsageError
+from segcli.errors import BadImageError, InputError, UsageError
 from segcli.io.images import discover_images
 from segcli.io.storage import ObjectPath
 from tests.cli_helpers import cli, ok, pngs
@@ -517,3 +517,49 @@ def test_features_folder_in_a_bucket(s3, tmp_path):
     assert pngs(tmp_path / "out2") == pngs(tmp_path / "out") and len(pngs(tmp_path / "out")) == 6
     one_line_error(cli("segment", tmp_path / "images", "--features", "s3://bkt/nothing", "--out", tmp_path / "o3",
                        *common), 2, "features folder not found: s3://bkt/nothing")
+
+
+# ------------------------------------------------------------------------------------------------ issue 20 (round 3)
+
+
+def test_keys_that_are_not_names_are_reported_before_any_work(s3, tmp_path):
+    """Object keys with an empty, '.' or '..' part cannot be mapped to an output name: one line naming them,
+    exit 3, before any read (d//e.png used to read d/e.png; ./f.png was silently dropped)."""
+    png = _png_bytes()
+    for key in ("p/d/e.png", "p/d//e.png", "p/./f.png", "p/ok.png"):
+        s3.pipe_file(f"bkt/{key}", png)
+    listed = sorted(n[len("bkt/p/"):] for n in s3.find("bkt/p"))
+    if "d//e.png" not in listed:
+        pytest.skip(f"this S3 server normalises keys: {listed}")
+    r = cli("segment", "s3://bkt/p", "--out", tmp_path / "o", "--features", tmp_path / "nofeat", "--k", 3,
+            "--assign", "pooled", "--cache", tmp_path / "c", "--quiet")
+    assert r.exit_code == 3, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "cannot be mapped to an output name" in lines[0] and "d//e.png" in lines[0], r.output
+    assert not (tmp_path / "o").exists()
+    # in a list file: the line is refused by number, never read as another object
+    lst = tmp_path / "list.txt"
+    lst.write_text("s3://bkt/p/ok.png\ns3://bkt/p/d//e.png\n")
+    r = cli("segment", lst, "--out", tmp_path / "o", "--features", tmp_path / "nofeat", "--k", 3, "--quiet")
+    assert r.exit_code == 3 and "list.txt:2" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_non_image_object_is_skipped_without_a_download(s3, tmp_path, monkeypatch):
+    """A large object that is no image is skipped after a 16-byte ranged read: never downloaded whole."""
+    from segcli.engines.feature_source import FeatureSource  # noqa: F401  (imported before the spy)
+    from segcli.io.images import image_digest
+
+    s3.pipe_file("bkt/big/video.png", b"\x00\x00\x00\x18ftypmp42" + bytes(4 << 20))
+    whole = []
+    monkeypatch.setattr(storage, "read_bytes", lambda path, *a, **k: whole.append(path) or b"")
+    with pytest.raises(BadImageError, match="not an image"):
+        image_digest(ObjectPath("s3://bkt/big/video.png"))
+    assert whole == []
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -111,7 +111,10 @@ def test_ctrl_c_stops_every_worker_and_the_run_resumes(fitted, tmp_path):
     assert seconds < 10
     assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err, err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err  # issue 20: one line, no EBADF trace
     assert wait_gone(kids, 5) == set(), "orphan worker processes"
+    # issue 20 item 14: the workers' temporaries of masks being written are swept before the run exits
+    assert not [p.name for p in out.rglob("*.tmp")], "an interrupted run left temporaries"
     before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
     rerun = segcli(*args)
     assert rerun.returncode == 0, rerun.stderr.decode()

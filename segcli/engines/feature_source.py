@@ -18,7 +18,7 @@ from segcli.io import storage
 from segcli.io.cache import CACHE_FORMAT, FeatureCache, FeatureFolder, ImageFeatures, has_proposal
 from segcli.config import FEATURE_FIELDS, SegmentConfig
 from segcli.errors import BadImageError, InputError, ModelError, SegcliError, UsageError
-from segcli.io.images import ImageItem, content_digest, load_image
+from segcli.io.images import ImageItem, content_digest, image_digest, load_image
 from segcli.timings import Timings
 
 
@@ -81,6 +81,8 @@ class FeatureSource:
 
             with self.timings("load model"):
                 self.backbone = load_backbone(config.backbone, weights=weights, device=device, precision=precision)
+        if self.backbone is not None:
+            _check_proposal_heads(config, self.backbone)
         if compile and self.backbone is not None:
             # torch's kernel cache needs a local folder: with an object-store cache it stays in the default one.
             local = next(c for c in (self.cache_root, default_cache_dir(), _home_cache_dir()) if not storage.is_remote(c))
@@ -108,7 +110,7 @@ class FeatureSource:
         if item.key not in self._digests:
             with self.timings("hash"):
                 try:
-                    d = content_digest(item.path)
+                    d = image_digest(item.path)
                     if self.folder is not None:
                         d = hashlib.sha256((d + content_digest(self.folder.path(item.key))).encode()).hexdigest()
                 except OSError as exc:
@@ -223,11 +225,16 @@ class FeatureSource:
                 raise UsageError(f"--prior {self.config.prior} needs a CLS token, which {self.backbone.name} has not; "
                                  "use --prior levels")
             return
-        lacking = [p for p in (self.folder.path(i.key) for i in items) if storage.is_file(p) and not has_proposal(p)]
-        if lacking:
-            raise InputError(f"--prior {self.config.prior} needs a 'proposal' array in every --features file, but "
-                             f"{len(lacking)} of {len(items)} lack it (e.g. {lacking[0]}); add it (docs/usage.md: Bring your "
-                             "own features) or use --prior levels")
+        # One rule for unusable feature files, whatever the prior: a file that is damaged, or lacks what this
+        # run needs, is reported and skipped when it is loaded (exit 4). Only a folder where no readable file has
+        # a proposal is refused here, before any work: it was made without them, and every image would be skipped.
+        found = [(p, has_proposal(p)) for p in (self.folder.path(i.key) for i in items) if storage.is_file(p)]
+        readable = [(p, x) for p, x in found if x is not None]
+        if readable and not any(x for _, x in readable):
+            n = len(readable)
+            raise InputError(f"--prior {self.config.prior} needs a 'proposal' array in the --features files, but {n} of "
+                             f"{n} readable files lack it (e.g. {readable[0][0]}); add it (docs/usage.md: Bring your own "
+                             "features) or use --prior levels")
 
     def _fix_dims(self, f: ImageFeatures) -> ImageFeatures:
         """Remember the feature and CLS dimensions of the first features of the run."""
@@ -377,3 +384,14 @@ class _Schedule:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
         self.src.last_batch_sizes = list(self.batch_sizes)
+
+
+def _check_proposal_heads(config: SegmentConfig, backbone) -> None:  # noqa: ANN001
+    """--proposal-heads above the backbone's head count used to mean "all heads" silently: refuse it (exit 2).
+    The default (5, MaskDistill's ViT-S/16 setting) is exempt: on a smaller ViT it takes every head."""
+    blocks = getattr(getattr(backbone, "model", None), "blocks", None)
+    heads = getattr(getattr(blocks[-1], "attn", None), "num_heads", None) if blocks is not None and len(blocks) else None
+    default = SegmentConfig.__dataclass_fields__["proposal_heads"].default
+    if isinstance(heads, int) and config.proposal_heads > heads and config.proposal_heads != default:
+        raise UsageError(f"--proposal-heads {config.proposal_heads}: the backbone {config.backbone} has {heads} "
+                         f"attention heads; use 1..{heads}, or 0 for all of them")

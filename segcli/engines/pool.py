@@ -50,6 +50,13 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def max_workers() -> int:
+    """The largest ``--workers`` of the local engine: the available cores (at least 2). Every worker is a
+    process with its own copy of the model and torch (~300 MB); beyond one per core they only add memory and
+    time (measured: 16 workers on 2 cores, 4.6 GB and 5x slower than 1)."""
+    return max(2, available_cores())
+
+
 def default_workers() -> int:
     """``--workers`` by default: the available cores minus one (the main process feeds the device), at least 0."""
     return max(0, available_cores() - 1)

@@ -107,21 +107,160 @@ def ray_session(options: RayOptions) -> Iterator[object]:
     if options.address is not None:
         _check_reachable(options.address)
     if ray.is_initialized():
+        check_resources(ray, options)
         yield ray
         return
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    with _native_stderr_aside():
+        with _started(ray, options, kwargs):
+            yield ray
+
+
+@contextmanager
+def _native_stderr_aside() -> Iterator[None]:
+    """Ray's native code (the driver's core worker, and the processes of a local cluster, which inherit it)
+    writes its own log lines to file descriptor 2: during the session that descriptor goes to a log file in the
+    temporary folder, while Python's ``sys.stderr`` (segcli's messages and progress) keeps the terminal. The
+    file is removed at the end; with ``--debug`` / ``SEGCLI_DEBUG`` nothing is redirected."""
+    import sys
+    import tempfile
+
+    if os.environ.get("SEGCLI_DEBUG") or "--debug" in sys.argv[1:]:
+        yield
+        return
     try:
-        if options.address is None:
-            ray.init(address="local", num_cpus=options.num_cpus, _node_ip_address=LOOPBACK, **kwargs)
-        else:
-            ray.init(address=options.address, **kwargs)
+        sys.stderr.flush()
+        keep = os.dup(2)
+        log = tempfile.NamedTemporaryFile(prefix="segcli-ray-", suffix=".log", delete=False)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    previous = sys.stderr
+    try:
+        on_fd2 = previous.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # captured in memory (a test runner): leave it alone
+        on_fd2 = False
+    if on_fd2:
+        sys.stderr = os.fdopen(os.dup(keep), "w", buffering=1, encoding=getattr(previous, "encoding", None) or "utf-8",
+                               errors="backslashreplace")
+    os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(keep, 2)
+        os.close(keep)
+        if on_fd2:
+            sys.stderr.close()
+            sys.stderr = previous
+        log.close()
+        try:
+            os.unlink(log.name)
+        except OSError:
+            pass
+
+
+@contextmanager
+def _started(ray, options: RayOptions, kwargs: dict) -> Iterator[None]:
+    """A Ray session started (a private local cluster) or joined, checked, and shut down at the end."""
+    try:
+        with _own_signal_handlers():
+            if options.address is None:
+                ray.init(address="local", num_cpus=options.num_cpus, _node_ip_address=LOOPBACK, **kwargs)
+            else:
+                ray.init(address=options.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = options.address or "a local cluster"
         raise InputError(f"--engine ray: cannot connect to {where}: {' '.join(str(exc).split())[:300]}") from None
+    watcher = _watch_driver() if options.address is None else None
     try:
-        yield ray
+        check_resources(ray, options)
+        yield
     finally:
-        ray.shutdown()
+        with _own_signal_handlers():
+            ray.shutdown()
+        if watcher is not None:
+            watcher.kill()
+            watcher.wait()
+
+
+@contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """Keep segcli's SIGINT/SIGTERM handling across Ray calls: starting Ray's core worker installs native
+    handlers (SIGTERM printed a C++ stack dump and ended the driver with -6/-15 instead of exit 130 and one
+    line). Python still lists its own handlers, so they are registered again afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def check_resources(ray, options: RayOptions) -> None:
+    """Fail at once (exit 2, one line) when one backbone actor asks for more CPUs or GPUs than any node of the
+    cluster has: Ray would wait forever for an actor it cannot place. (A request that fits a node but not its
+    free resources is Ray's to schedule: it waits for running work to finish.)"""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not nodes:
+        raise InputError("--engine ray: the cluster has no live node")
+    for flag, key, want in (("--cpus-per-worker", "CPU", options.cpus_per_worker),
+                            ("--gpus-per-worker", "GPU", options.gpus_per_worker or 0)):
+        most = max(float(n.get(key, 0)) for n in nodes)
+        if want > most:
+            has = f"at most {most:g} {key}s per node" if most else f"no {key}"
+            raise UsageError(f"{flag} {want:g}: no node of the Ray cluster can hold one backbone worker ({len(nodes)} "
+                             f"node(s), {has}); Ray would wait forever: ask for at most {most:g}")
+
+
+_WATCH = """
+import os, sys, time
+import psutil
+driver = psutil.Process(int(sys.argv[1]))
+keep = {int(p) for p in sys.argv[2:]}
+procs = []
+for pid in keep:
+    try:
+        procs.append(psutil.Process(pid))
+    except psutil.Error:
+        pass
+while driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE:
+    time.sleep(0.5)
+for p in procs:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _watch_driver():
+    """A small process, in a session of its own, that kills the private cluster's processes (GCS, raylet,
+    dashboard agent, workers) as soon as this driver is gone: ``kill -9`` of the driver used to leave them
+    running for up to two minutes. Stopped at a normal end (``ray.shutdown`` stops the cluster itself)."""
+    import subprocess
+    import sys
+
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - the ray extra installs it
+        return None
+    me = psutil.Process()
+    pids = [str(p.pid) for p in me.children(recursive=True)]
+    if not pids:
+        return None
+    return subprocess.Popen([sys.executable, "-c", _WATCH, str(me.pid), *pids], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

@@ -192,6 +192,11 @@ def evaluate_command(
     check_apart_from_inputs({"--remap-out": remap_out}, [p for p in inputs if storage.is_dir(p)],
                             [p for p in inputs if storage.is_file(p)],
                             {"--json": None if json_to_stdout else json_out, "--plot": plot})
+    from segcli.io.outputs import check_file_destination
+
+    for option, target in (("--json", None if json_to_stdout else json_out), ("--plot", plot)):
+        if target is not None:  # before the scoring, which may take minutes
+            check_file_destination(target, option)
     console = Console(stderr=json_to_stdout)
     err = Console(stderr=True)
 

@@ -125,6 +125,11 @@ def open_label(path: Path, what: str):
     try:
         img = Image.open(storage.readable(path))
         img.load()
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"cannot read {what} {path}: image too large, refused as a possible decompression bomb "
+                         f"({' '.join(str(exc).split())})") from None
+    except MemoryError:
+        raise InputError(f"cannot read {what} {path}: not enough memory to decode it") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot read {what} {path}: {reason}") from None

@@ -108,15 +108,30 @@ def _examples(keys: list[str], n: int = 3) -> str:
     return shown + (", ..." if len(keys) > n else "")
 
 
+def _missing_reason(path: Path) -> str:
+    """Why ``path`` is not a usable folder: absent, a symlink loop or to nowhere, unreadable, or a file."""
+    if storage.is_remote(path):
+        return "does not exist" if not storage.exists(path) else "is not a folder"
+    import errno
+    import os
+
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if exc.errno == errno.ENOENT:
+            return "is a broken symlink" if os.path.islink(path) else "does not exist"
+        return f"cannot be read ({exc.strerror or exc})"
+    return "is not a folder"
+
+
 def pair_files(pred_dir: Path, gt: Path, split: str | None = None, allow_missing: bool = False) -> Pairing:
     """Pair predictions with ground truth; missing/extra files are an InputError unless ``allow_missing``."""
     pred_dir, gt = storage.location(pred_dir), storage.location(gt)
-    if not storage.is_dir(pred_dir):
-        what = "does not exist" if not storage.exists(pred_dir) else "is not a folder"
-        raise InputError(f"prediction folder {pred_dir} {what}")
-    if not storage.is_dir(gt):
-        what = "does not exist" if not storage.exists(gt) else "is not a folder"
-        raise InputError(f"ground-truth folder {gt} {what}")
+    for folder, name in ((pred_dir, "prediction"), (gt, "ground-truth")):
+        if not storage.is_dir(folder):
+            raise InputError(f"{name} folder {folder} {_missing_reason(folder)}")
     voc_root = find_voc_root(gt)
     gt_dir = voc_root / "SegmentationClass" if voc_root is not None else gt
     preds = scan_images(pred_dir, "prediction")

@@ -44,11 +44,17 @@ def plot_confusion(result, path) -> None:
     ax.set_title(f"{what}: mIoU {100 * result.miou:.2f} %, pixel acc. {100 * result.pixel_accuracy:.2f} %", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's pixels")
     fig.tight_layout()
+    import io
+
+    from segcli.io.outputs import atomic_write, check_file_destination
+
     target = Path(path)
+    buf = io.BytesIO()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target, dpi=120)
+        check_file_destination(target, "--plot", create=True)
+        fig.savefig(buf, dpi=120, format=target.suffix.lstrip(".").lower() or "png")
     except (OSError, ValueError) as exc:
         raise OutputError(f"cannot write {target}: {exc}") from None
     finally:
         plt.close(fig)
+    atomic_write(target, lambda fh: fh.write(buf.getvalue()))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli.errors import OutputError
 
 METHOD_TEXT = {"hungarian": "Hungarian", "majority": "many-to-one majority"}
 
@@ -185,9 +184,9 @@ def write_json(result, path) -> None:
     if str(path) == "-":
         sys.stdout.write(text + "\n")
         return
+    from segcli.io.outputs import atomic_write, check_file_destination
+
     target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text + "\n")
-    except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    check_file_destination(target, "--json", create=True)
+    data = (text + "\n").encode()
+    atomic_write(target, lambda fh: fh.write(data))

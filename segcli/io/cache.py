@@ -108,13 +108,14 @@ def _proposal_mask(proposal: np.ndarray) -> np.ndarray:
     return proposal.astype(bool)
 
 
-def has_proposal(path: Path) -> bool:
-    """Whether a feature file holds a ``proposal`` array (reads the zip directory only, no array data)."""
+def has_proposal(path: Path) -> bool | None:
+    """Whether a feature file holds a ``proposal`` array (reads the zip directory only, no array data); None
+    when the file cannot be read at all (it is reported and skipped when it is loaded, like any bad file)."""
     try:
         with np.load(storage.readable(path), allow_pickle=False) as z:
             return "proposal" in z.files
     except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
-        return False
+        return None
 
 
 def save_features(path: Path, f: ImageFeatures) -> None:

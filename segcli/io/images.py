@@ -152,6 +152,7 @@ def discover_images(source: str | Path, split: str | None = None) -> list[ImageI
             raise InputError(f"no images found in {where} (looked for {_looked_for()})")
         return items
 
+    storage.check_regular(src)  # a FIFO or a device given as the input: refused by name, never opened
     if src.suffix.lower() == ".txt":
         if split is not None:
             raise InputError(f"--split {split!r} only applies to a PASCAL VOC folder, not to the list file {src}")
@@ -223,6 +224,7 @@ def _object_items(src: storage.ObjectPath, files: list[str], strip: int) -> list
     """Image items of listed object names (relative to ``src``; the first ``strip`` characters dropped from keys),
     filtered and keyed exactly as :func:`_walk_folder` does for a local folder."""
     found: list[tuple[str, str, str]] = []  # (name below src, key without extension, extension as written)
+    _refuse_unmappable(src, files)
     for name in files:
         rel = name[strip:].split("/")
         if any(part.startswith(".") for part in rel):
@@ -233,6 +235,17 @@ def _object_items(src: storage.ObjectPath, files: list[str], strip: int) -> list
         found.append((name, "/".join(rel[:-1] + [stem]), ext))
     keys = _disambiguate([(k, e) for _, k, e in found])
     return sorted((ImageItem(src / name, k) for (name, _, _), k in zip(found, keys)), key=lambda it: it.key)
+
+
+def _refuse_unmappable(src: storage.ObjectPath, names: list[str]) -> None:
+    """Object keys are names, not paths: ``d//e.png``, ``./e.png`` or ``a/../e.png`` name objects of their own,
+    which no local-style output name (nor an ObjectPath, which normalises such parts) can stand for. An
+    :class:`InputError` lists them before any work, instead of reading another object or dropping them."""
+    bad = [n for n in names if storage.unmappable_key(n) and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    if bad:
+        shown = ", ".join(repr(str(src) + "/" + n) for n in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise InputError(f"{len(bad)} image object(s) under {src} have an empty, '.' or '..' part in their key and "
+                         f"cannot be mapped to an output name: {shown}; rename them or list the others in a .txt file")
 
 
 def _find_voc_root(src: Path) -> Path | None:
@@ -321,12 +334,9 @@ def _walk_folder(root: Path) -> list[ImageItem]:
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTENSIONS or not stem:
                 continue
-            try:
-                ok = entry.is_file() or (is_link and not os.path.exists(entry.path))
-            except OSError:
-                ok = False
-            if ok:
-                found.append((Path(entry.path), "/".join(rel + (stem,)), ext))
+            # Every non-folder entry with an image name is listed, also a broken symlink, a FIFO or a device:
+            # reading reports it by name and skips it (a FIFO is refused from a stat, never opened).
+            found.append((Path(entry.path), "/".join(rel + (stem,)), ext))
         for entry, sub_rel in subdirs:
             try:
                 sst = entry.stat()
@@ -382,7 +392,7 @@ def _disambiguate(bases: list[tuple[str, str]]) -> list[str]:
 
 def _read_list_lines(list_file: Path) -> list[tuple[int, str]]:
     try:
-        data = list_file.read_bytes()
+        data = storage.read_bytes(list_file)
     except OSError as err:
         raise InputError(f"cannot read list file {list_file}: {err.strerror or err}") from err
     return _parse_list_text(data, list_file)
@@ -412,6 +422,9 @@ def _list_file_items(list_file: Path) -> list[ImageItem]:
     seen: set[str] = set()
     for lineno, line in lines:
         if storage.is_uri(line):  # an object: keyed by its name, like a local file outside the list's folder
+            if storage.unmappable_key(line.partition("://")[2].partition("/")[2]):
+                raise InputError(f"{list_file}:{lineno}: the object key of {line!r} has an empty, '.' or '..' part: "
+                                 "segcli would read another object; rename it")
             obj = storage.location(line)
             if str(obj) not in seen:
                 seen.add(str(obj))
@@ -485,8 +498,9 @@ def load_image(path: Path, max_side: int | None = 2048) -> LoadedImage:
             raise bad("file not found" + (" (broken symlink)" if os.path.islink(path) else "")) from None
         except OSError as err:
             raise bad(f"cannot read: {err.strerror or err}") from None
-        if not os.path.isfile(path):
-            raise bad("not a regular file")
+        what = storage.not_regular(path)
+        if what is not None:
+            raise bad(f"not a regular file ({what})")
         if st.st_size == 0:
             raise bad("empty file (0 bytes)")
         source = path
@@ -603,6 +617,41 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# The signatures of the formats of IMAGE_EXTENSIONS (PIL reads them by content, not by name).
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+          b"II+\x00", b"MM\x00+", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7", b"Pf", b"PF")
+_SNIFF = 16
+
+
+def image_signature_problem(head: bytes) -> str | None:
+    """Why the first bytes of a file cannot start an image of a supported format, or None when they can.
+
+    Checked before an object is downloaded (and before a local file is hashed): a 400 MB video named
+    ``.png`` is skipped after a 16-byte read, not after two full downloads."""
+    if not head:
+        return "empty file (0 bytes)"
+    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    return "not an image, or a format PIL cannot read"
+
+
+def image_digest(path: Path) -> str:
+    """:func:`content_digest` of an input image, after a look at its first bytes
+    (:func:`image_signature_problem`): a file that cannot be an image is a BadImageError before it is read
+    whole or downloaded."""
+    try:
+        problem = image_signature_problem(storage.read_head(path, _SNIFF))
+    except InputError as exc:
+        raise BadImageError(f"{path}: {getattr(exc, 'reason', exc)}") from None
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found" + (" (broken symlink)" if os.path.islink(path) else "")) from None
+    except OSError as err:
+        raise BadImageError(f"{path}: cannot read: {err.strerror or err}") from None
+    if problem is not None:
+        raise BadImageError(f"{path}: {problem}")
+    return content_digest(path)
+
+
 def content_digest(path: Path) -> str:
     """SHA-256 hex digest of the file's bytes (read in 1 MiB chunks); a cache key that follows content."""
     h = hashlib.sha256()
@@ -613,7 +662,7 @@ def content_digest(path: Path) -> str:
             raise BadImageError(f"{path}: {getattr(exc, 'reason', exc)}") from None
         return h.hexdigest()
     try:
-        with open(path, "rb") as f:
+        with storage.open_regular(path, BadImageError) as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
     except OSError as err:

@@ -1,6 +1,6 @@
 """Legends drawn on overlays: which colour is which id, and what that id is called.
 
-The colours are the label PNGs' own palette (:data:`segcli.outputs.VOC_PALETTE`), so an id has the same colour
+The colours are the label PNGs' own palette (:data:`segcli.io.outputs.VOC_PALETTE`), so an id has the same colour
 in a label PNG, an overlay and the HTML report. Names come from ``--class-names``: a dataset preset
 (``voc``, ``camvid``, ``cityscapes27``, ``cocostuff27``: id i is the preset's class i), a text file (one name per
 line, line i naming id i, or ``ID NAME`` lines), or the ``--json`` file of ``segcli evaluate`` (each cluster id is

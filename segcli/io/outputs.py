@@ -1,8 +1,12 @@
 """Writing results safely.
 
-* Every file is written atomically (:func:`atomic_write`): a hidden ``.<name>.<random>.tmp`` file in the target
-  folder, fsynced, then renamed over the target. An interrupted run leaves either the old file, the new file, or
-  a hidden ``*.tmp`` leftover, never a half-written result that a resumed run would take as done.
+* Every file is written atomically (:func:`atomic_write`): a hidden ``.<name>.segcli-<pid>-<random>.tmp`` file in
+  the target folder, fsynced, then renamed over the target. An interrupted run leaves either the old file, the
+  new file, or such a leftover, never a half-written result that a resumed run would take as done. Only names of
+  that pattern whose writer process is gone are ever swept (:func:`remove_stale_temporaries`): a user's own
+  ``*.tmp`` files and the temporaries of a concurrent run on the same folder are left alone.
+* Output folders this process created are removed again when the command fails before writing anything into
+  them (:func:`remove_created_if_empty`): a refused run leaves no empty ``--out`` behind.
 * Output names come from image keys and never leave the output folder (:func:`output_path`).
 * Label maps are palette PNGs (mode ``P``): pixel value = class id, shown with the PASCAL VOC colour map.
 * Every function also takes object-store locations (:class:`segcli.io.storage.ObjectPath`, ``s3://``/``gs://``):
@@ -12,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -38,6 +43,21 @@ def _voc_palette() -> bytes:
     return bytes(out)
 
 
+# The highest class id a label PNG (8-bit palette) holds: every path that writes ids goes through label_ids.
+MAX_LABEL_ID = 255
+
+
+def label_ids(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as the uint8 ids of a label PNG, refusing ids that do not fit (``ValueError``) instead of
+    letting a cast wrap them (256 would become 0, background). The one id-width check."""
+    labels = np.asarray(labels)
+    if labels.dtype == np.uint8:
+        return labels
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > MAX_LABEL_ID):
+        raise ValueError(f"class ids {int(labels.min())}..{int(labels.max())} do not fit a label PNG (0..{MAX_LABEL_ID})")
+    return labels.astype(np.uint8)
+
+
 VOC_PALETTE: bytes = _voc_palette()
 PALETTE_RGB: np.ndarray = np.frombuffer(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)  # (256, 3): colour of id i
 _PALETTE_RGB = PALETTE_RGB
@@ -57,6 +77,40 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+# Folders prepare_output_dir created in this process (outermost first), for remove_created_if_empty.
+_CREATED: list[Path] = []
+# The name of every temporary segcli writes: ".<target>.segcli-<pid>-<random>.tmp" (see _temp_pid).
+TEMP_TAG = ".segcli-"
+_TEMP_NAME = re.compile(r"^\..*\.segcli-(\d+)-[A-Za-z0-9_]+\.tmp$")
+
+
+def _create_folder(out: Path) -> None:
+    """``mkdir -p out``, remembering each folder it created."""
+    missing = []
+    p = out
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    out.mkdir(parents=True, exist_ok=True)
+    _CREATED.extend(reversed(missing))
+
+
+def remove_created_if_empty() -> None:
+    """Remove the output folders this process created that are still empty (innermost first): called when a
+    command fails, so that a refused run (bad model, --prior, --device...) leaves no empty --out behind."""
+    while _CREATED:
+        folder = _CREATED.pop()
+        try:
+            folder.rmdir()  # only succeeds on an empty folder
+        except OSError:
+            pass
+
+
+def forget_created() -> None:
+    """The command succeeded: its folders are results, never removed."""
+    _CREATED.clear()
+
+
 def prepare_output_dir(out_dir: str | Path | storage.ObjectPath) -> Path | storage.ObjectPath:
     """Create ``out_dir`` (and parents) if needed, check that files can be created in it, return it resolved.
 
@@ -72,7 +126,7 @@ def prepare_output_dir(out_dir: str | Path | storage.ObjectPath) -> Path | stora
     if out.exists() and not out.is_dir():
         raise OutputError(f"output folder is a file: {out}")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        _create_folder(out)
     except FileExistsError:
         raise OutputError(f"cannot create output folder {out}: a file is in the way") from None
     except OSError as err:
@@ -84,6 +138,28 @@ def prepare_output_dir(out_dir: str | Path | storage.ObjectPath) -> Path | stora
     except OSError as err:
         raise OutputError(f"output folder is not writable: {out} ({_reason(err)})") from None
     return out.resolve()
+
+
+def check_file_destination(path: Path, option: str, create: bool = False) -> None:
+    """A single output file (``evaluate --json/--plot``) goes into an existing folder, or into a new folder
+    whose own parent exists (as ``mkdir`` without ``-p``; with ``create``, that folder is made). A longer
+    missing chain is a typo to report (:class:`OutputError`), not folders to create."""
+    path = Path(os.path.expanduser(str(path)))
+    folder = path.parent
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; give a file name")
+    if folder.is_dir():
+        return
+    if os.path.lexists(folder):
+        raise OutputError(f"{option} {path}: {folder} is a file, not a folder")
+    if not folder.parent.is_dir():
+        raise OutputError(f"{option} {path}: the folder {folder.parent} does not exist (segcli creates at most "
+                          "the file's own folder)")
+    if create:
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create folder {folder}: {_reason(err)}") from None
 
 
 def output_path(out_dir: Path, key: str, suffix: str = ".png") -> Path:
@@ -144,7 +220,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         return
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}{TEMP_TAG}{os.getpid()}-", suffix=".tmp")
     except OSError as err:
         raise OutputError(f"cannot write {path}: {_reason(err)}") from err
     try:
@@ -307,17 +383,38 @@ def is_complete_png(path: Path) -> bool:
         return False
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete ``.<name>.*.tmp`` leftovers of a killed run below ``folder``; returns how many.
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: a process of another user holds that id
+        return True
+    return True
 
-    SIGKILL leaves no chance to clean up, so a restarted run sweeps them before writing anything. An
-    object-store folder has none: nothing is staged there (objects are uploaded whole).
+
+def _stale_temporary(p: Path) -> bool:
+    """Whether ``p`` is a temporary of :func:`atomic_write` whose writer process no longer runs."""
+    m = _TEMP_NAME.match(p.name)
+    return m is not None and not _pid_alive(int(m.group(1)))
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the leftovers of killed writers below ``folder`` (``.<name>.segcli-<pid>-*.tmp`` of a process that is
+    gone); returns how many.
+
+    SIGKILL leaves no chance to clean up, so a restarted run sweeps them before writing anything, and a run
+    whose worker processes were stopped (Ctrl-C) sweeps theirs before it exits. Only names segcli generates
+    are considered (a user's own hidden ``*.tmp`` files stay), and only those of dead processes (a concurrent
+    run's temporaries stay). An object-store folder has none: nothing is staged there.
     """
     if storage.is_remote(folder):
         return 0
     removed = 0
-    for p in Path(folder).rglob(".*.tmp"):
-        if p.is_file() and not p.is_symlink():
+    for p in Path(folder).rglob(f".*{TEMP_TAG}*.tmp"):
+        if _stale_temporary(p) and p.is_file() and not p.is_symlink():
             try:
                 p.unlink()
                 removed += 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
@@ -133,6 +134,13 @@ class ObjectPath:
 
 
 Location = Union[Path, ObjectPath]
+
+
+def unmappable_key(key: str) -> bool:
+    """Whether an object key (below its bucket or prefix) has an empty, ``.`` or ``..`` part: an object store
+    keeps such keys as they are, but :class:`ObjectPath` and every local output name normalise them, so the
+    object could be neither read back by that name nor written under it."""
+    return any(part in ("", ".", "..") for part in key.split("/"))
 
 
 def is_uri(text: object) -> bool:
@@ -267,9 +275,48 @@ def list_files(root: ObjectPath) -> list[str]:
 # ------------------------------------------------------------------------------------------------ reading
 
 
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(path: Path) -> str | None:
+    """What ``path`` (symlinks followed) is when it is not a regular file ("a FIFO", "a folder"...), else None
+    (also when it does not exist: the caller's open reports that).
+
+    The one guard every local read goes through (:func:`check_regular`, :func:`open_regular`,
+    :func:`read_bytes`, :func:`readable`): opening a FIFO blocks until a writer appears and a character device
+    may never end, so such files are refused by name from a ``stat``, never opened.
+    """
+    if not isinstance(path, (str, os.PathLike)):  # an open file or an in-memory buffer: nothing to open
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def check_regular(path: Path, error: type[SegcliError] = InputError) -> None:
+    """``error`` ("<path>: not a regular file (a FIFO)") unless ``path`` is a regular file or absent."""
+    what = not_regular(path)
+    if what is not None:
+        failure = error(f"{path}: not a regular file ({what}); segcli reads only regular files")
+        failure.reason = f"not a regular file ({what})"
+        raise failure
+
+
+def open_regular(path: Path, error: type[SegcliError] = InputError) -> BinaryIO:
+    """``open(path, "rb")`` after :func:`check_regular`."""
+    check_regular(path, error)
+    return open(path, "rb")
+
+
 def read_bytes(path: Location, error: type[SegcliError] = InputError) -> bytes:
     if not is_remote(path):
-        return path.read_bytes()
+        with open_regular(path, error) as f:
+            return f.read()
     return _remote(path, "read", error, lambda fs: fs.cat_file(path.path))
 
 
@@ -282,6 +329,15 @@ def read_if_exists(path: ObjectPath) -> bytes | None:
         except FileNotFoundError:
             return None
     return _remote(path, "read", InputError, get)
+
+
+def read_head(path: Location, n: int) -> bytes:
+    """The first ``n`` bytes (one ranged GET on an object store: a large object is never downloaded to be
+    sniffed). Local files go through the regular-file guard."""
+    if not is_remote(path):
+        with open_regular(path) as f:
+            return f.read(n)
+    return _remote(path, "read", InputError, lambda fs: fs.cat_file(path.path, start=0, end=n))[:n]
 
 
 def read_tail(path: Location, n: int) -> bytes:
@@ -302,6 +358,7 @@ def readable(path: Location, error: type[SegcliError] = InputError) -> Path | Bi
     before), or an in-memory copy of the object (downloaded whole: inputs, cache entries and model files are
     megabytes, and those readers want a seekable file)."""
     if not is_remote(path):
+        check_regular(path, error)
         return path
     return io.BytesIO(read_bytes(path, error))
 
@@ -312,7 +369,10 @@ def readable(path: Location, error: type[SegcliError] = InputError) -> Path | Bi
 def makedirs(folder: Location) -> None:
     """Create a local folder and its parents; nothing to do in an object store (prefixes need no creation)."""
     if not is_remote(folder):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # no space, no inodes (ENOSPC), read-only, a file in the way: the user's to fix
+            raise OutputError(f"cannot create folder {folder}: {err.strerror or err}") from None
 
 
 def put_atomic(path: ObjectPath, write: Callable[[BinaryIO], None]) -> None:

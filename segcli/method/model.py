@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from segcli import __version__
 from segcli.io import storage
 from segcli.io.arrays import ArrayCheckError, ArraySpec, check_arrays
 from segcli.config import SegmentConfig
-from segcli.errors import ModelError, UsageError
+from segcli.errors import ModelError, OutputError, UsageError
 from segcli.method.foreground import LevelModel
-from segcli.io.outputs import atomic_write
+from segcli.io.outputs import MAX_LABEL_ID, atomic_write
 
 FORMAT = "segcli-model"
 # The newest format this segcli reads. A file records the oldest reader that can use it: 1 for
@@ -73,12 +74,19 @@ def check_model_arrays(arrays: dict[str, np.ndarray], config: SegmentConfig, fea
     if d["K"]:
         want = {"pooled": d["D"], "cls": d["Dcls"]}.get(config.assign)
         need(want is None or d["E"] == want, f"class centroids have size {d['E']}, expected {want} for --assign {config.assign}")
-    need(d["P"] <= config.n_parts, f"{d['P']} part centroids, expected at most --parts {config.n_parts}")
-    need(d["P"] == 0 or d["Dp"] == d["D"], f"part centroids have size {d['Dp']}, expected {d['D']}")
+    pc = arrays["part_classes"]
+    if config.assign == "probe":
+        # STEGO's cluster probe labels patches 1..P whatever --k says (the probe's own number of clusters).
+        need(d["P"] <= MAX_LABEL_ID, f"{d['P']} probe clusters, more than the {MAX_LABEL_ID} ids a label PNG holds")
+        need(d["P"] == 0 or d["Dp"] == d["D"], f"part centroids have size {d['Dp']}, expected {d['D']}")
+        need(not pc.size or (pc.min() >= 1 and pc.max() <= d["P"]), f"array 'part_classes' holds ids outside 1..{d['P']}")
+    else:
+        need(d["P"] <= config.n_parts, f"{d['P']} part centroids, expected at most --parts {config.n_parts}")
+        need(d["P"] == 0 or d["Dp"] == d["D"], f"part centroids have size {d['Dp']}, expected {d['D']}")
+        lo = config.thing_offset
+        need(not pc.size or (pc.min() >= lo and pc.max() <= config.k - 1), f"array 'part_classes' holds ids outside {lo}..{config.k - 1}")
     for name in ("dataset_foreground", "category_level_foreground"):
         need(bool(np.isin(arrays[name], (0, 1)).all()), f"array {name!r} holds values other than 0 and 1")
-    pc, lo = arrays["part_classes"], config.thing_offset
-    need(not pc.size or (pc.min() >= lo and pc.max() <= config.k - 1), f"array 'part_classes' holds ids outside {lo}..{config.k - 1}")
     s = d.get("S", 0)
     if config.n_stuff:
         need(s in (0, config.n_stuff), f"{s} stuff centroids, expected {config.n_stuff} for --stuff {config.stuff}")
@@ -149,9 +157,14 @@ class SegModel:
         return h.hexdigest()[:16]
 
     def save(self, path: str | Path | storage.ObjectPath) -> Path | storage.ObjectPath:
+        """Write the model file atomically. It is checked first exactly as :meth:`load` checks it, so a file
+        segcli writes always loads (a model that would not is a bug, reported instead of written)."""
         path = storage.location(path)
-        if storage.is_dir(path):
-            raise UsageError(f"model path {path} is a folder; give a file name such as {path / 'model.segcli'}")
+        check_model_out(path)
+        try:
+            check_model_arrays(self.tensors(), self.config, self.feature_dim)
+        except ArrayCheckError as exc:
+            raise RuntimeError(f"the fitted model does not pass its own file check: {exc}") from None
         storage.makedirs(path.parent)
         data = self.to_bytes()
         atomic_write(path, lambda fh: fh.write(data))
@@ -164,6 +177,10 @@ class SegModel:
 
         path = storage.location(path)
         if not storage.is_file(path):
+            if storage.is_dir(path):
+                raise ModelError(f"--model {path} is a folder: give the model file itself (made by `segcli cluster-dataset --out FILE`)")
+            if not storage.is_remote(path) and storage.not_regular(path):
+                storage.check_regular(path, ModelError)
             raise ModelError(f"model file not found: {path}")
         try:
             raw = storage.read_bytes(path, ModelError)
@@ -208,6 +225,54 @@ class SegModel:
             stuff_centroids=arrays.get("stuff_centroids", np.zeros((0, 0), np.float32)),
             version=meta.get("segcli_version", "?"),
         )
+
+
+def is_model_file(path: Path | storage.ObjectPath) -> bool:
+    """Whether ``path`` holds a segcli model file, from its safetensors header alone (a few KB read)."""
+    try:
+        head = storage.read_bytes(path) if storage.is_remote(path) else _read_head(path)
+        n = int.from_bytes(head[:8], "little")
+        if not 2 <= n <= len(head) - 8:
+            return False
+        return json.loads(head[8:8 + n]).get("__metadata__", {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - unreadable or not JSON: not a model file
+        return False
+
+
+def _read_head(path: Path, limit: int = 1 << 20) -> bytes:
+    with storage.open_regular(path) as f:
+        n = int.from_bytes(f.read(8), "little")
+        return f.read(0) if n > limit else (n.to_bytes(8, "little") + f.read(n))
+
+
+def check_model_out(path: Path | storage.ObjectPath) -> None:
+    """Refuse a model destination before any work (the fit takes minutes; its file is written at the end):
+    a folder, a path under a file, an unwritable folder, or an existing file that is not a segcli model
+    (segcli replaces only its own model files, never a user's file of another kind)."""
+    if storage.is_remote(path):
+        if storage.is_dir(path):
+            raise UsageError(f"model path {path} is a folder; give a file name such as {path / 'model.segcli'}")
+        if storage.is_file(path) and not is_model_file(path):
+            raise OutputError(f"--out {path} exists and is not a segcli model file: segcli replaces only its own "
+                              "model files; remove it or choose another name")
+        return
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        raise UsageError(f"model path {path} is a folder; give a file name such as {path / 'model.segcli'}")
+    if os.path.lexists(path):
+        if storage.not_regular(path) or not is_model_file(path):
+            raise OutputError(f"--out {path} exists and is not a segcli model file: segcli replaces only its own "
+                              "model files; remove it or choose another name")
+        if not os.access(path.parent, os.W_OK):
+            raise OutputError(f"cannot write the model file {path}: its folder is not writable")
+        return
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write the model file {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the model file {path}: {folder} is not writable")
 
 
 def _sorted_header(data: bytes) -> bytes:

@@ -23,6 +23,7 @@ from segcli.method.foreground import PROPOSAL_VOTE_WEIGHT, fuse, image_level_clu
 from segcli.io.images import ImageItem, load_image
 from segcli.method.kmeans import assign_nearest
 from segcli.method.model import SegModel
+from segcli.io.outputs import label_ids
 from segcli.method.regions import (crop_batch, find_regions, pooled_embeddings, region_boxes, region_crops, regions_on_grid,
                                    split_regions)
 from segcli.timings import Timings
@@ -249,12 +250,12 @@ def thing_labels(model: SegModel, f: ImageFeatures | None, bundle: Bundle) -> np
             idx = ndimage.distance_transform_edt(classes == 0, return_distances=False, return_indices=True)
             classes = classes[idx[0], idx[1]]
         up = resize_labels(classes, regions.shape)
-        return np.where(regions > 0, up, 0).astype(np.uint8)
+        return label_ids(np.where(regions > 0, up, 0))
     if model.class_centroids.size == 0:
         return np.zeros(regions.shape, np.uint8)
-    lut = np.zeros(n + 1, np.uint8)
+    lut = np.zeros(n + 1, np.int64)
     lut[1:] = assign_nearest(bundle["emb"].astype(np.float32), model.class_centroids) + model.config.thing_offset
-    return lut[regions]
+    return label_ids(lut)[regions]
 
 
 def has_stuff(model: SegModel) -> bool:
@@ -286,7 +287,7 @@ def labels(model: SegModel, f: ImageFeatures | None, bundle: Bundle, rgb: np.nda
         probs = stuff_probabilities(f.feats, bundle["fg_grid"], model.stuff_centroids)
     with timings("crf"):
         stuff = refine_stuff(rgb, upsample(probs, things.shape), model.config, device)
-    return np.where(things > 0, things, stuff).astype(np.uint8)
+    return label_ids(np.where(things > 0, things, stuff))
 
 
 def write_masks(model: SegModel, item: ImageItem, f: ImageFeatures | None, bundle: Bundle, out: Path,
