@@ -139,7 +139,9 @@ def quoted_commands(path: Path) -> list[str]:
         if tok.type in ("fence", "code_block") and tok.info.strip().split(" ")[0] not in ("python", "yaml-schema", "text"):
             snippets.extend(tok.content.replace("\\\n", " ").splitlines())
         for child in tok.children or []:
-            if child.type == "code_inline":
+            # An inline span that starts as segcli's own output ("segcli: error: ...") quotes a message, not a
+            # command, even where the message names segcli again.
+            if child.type == "code_inline" and not child.content.startswith("segcli:"):
                 snippets.append(child.content)
     commands = []
     for line in snippets:
