@@ -112,7 +112,7 @@ Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.com
 FeatureCacheOpt = Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Keep each image's features in the --cache folder (default). --no-feature-cache recomputes them in every pass instead (fit and predict read them 2-4 times): cheaper than the file I/O on a GPU, not on a CPU. Region bundles are cached either way.", rich_help_panel="Backbone")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1, except 0 when the backbone runs on the CPU (its forward already uses every core); 0 = in the main process. With --engine ray: the backbone actors, one backbone each (default: one per GPU when the run uses GPUs, else 1). Results do not depend on it.", rich_help_panel="Backbone")]
 DevicePath = Annotated[Optional[bool], typer.Option("--device-path/--host-path", help="Run the region pass (fusion, image-level k-means, refinement, crops) batched on the backbone's device (default: when it is a CUDA GPU) or image by image in the --workers pool. Same masks either way with --assign pooled/parts; crops resized by torch instead of PIL with cls.", rich_help_panel="Backbone")]
-Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: one per physical core, torch's choice). Idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE unless you set it), so a busy machine costs the CPU it took, not more. Results do not depend on it.", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default: the number of thing classes, k-1, or k-N with --stuff N).", rich_help_panel="Method")]
 Stuff = Annotated[int, typer.Option("--stuff", help="Label the background with N stuff classes: ids 0..N-1 stuff, N..k-1 things (--k counts both); 0 = one background class. Presets: README.", rich_help_panel="Method")]
@@ -284,10 +284,9 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
     """The pipeline for a command's parsed options (the run-time ones; the method ones are in config)."""
     from segcli.pipeline import Segmenter
 
-    if opts["threads"]:
-        import torch
+    from segcli.runtime import set_threads
 
-        torch.set_num_threads(opts["threads"])
+    set_threads(opts["threads"])
     kwargs = dict(model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
                   precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
                   batch_size=opts["batch_size"], decode_workers=opts["decode_workers"], compile=opts["compile"],
