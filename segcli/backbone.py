@@ -297,6 +297,7 @@ class Backbone:
 
     def extract(self, batch: torch.Tensor, kind: str = "keys", proposal_heads: int = 5) -> FeatureBatch:
         """Features of a normalised batch (B, 3, H, W) (any device); one forward pass, inference mode."""
+        self._adapt_threads()
         return compute_features(self, batch, kind=kind, proposal_heads=proposal_heads)
 
     def extract_image(self, rgb: np.ndarray, short_side: int = 448, kind: str = "keys", max_side: int | None = 1344) -> FeatureBatch:
@@ -306,7 +307,17 @@ class Backbone:
     def embed_crops(self, crops: list[np.ndarray], size: int = 224, batch_size: int = 32) -> np.ndarray:
         """(n, embed_dim) float32 L2-normalised CLS tokens (mean patch tokens without a CLS token) of RGB uint8
         crops resized to size x size."""
+        self._adapt_threads()
         return embed_crops(self, crops, size=size, batch_size=batch_size)
+
+    def _adapt_threads(self) -> None:
+        """On the CPU, before each batch: torch takes the cores no other process is running on, unless
+        --threads / OMP_NUM_THREADS fixed the count (:func:`segcli.runtime.adapt_threads`; results do not
+        depend on it). A GPU forward does not wait on CPU threads, so there nothing changes."""
+        if self.device.type == "cpu":
+            from segcli.runtime import adapt_threads
+
+            adapt_threads()
 
     def fingerprint(self) -> str:
         """Short stable hash of the backbone name and weights identity (a cache key)."""

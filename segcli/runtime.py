@@ -59,11 +59,112 @@ def wait_policy(environ: dict | None = None) -> str:
     return ", ".join(chosen) if chosen else "OpenMP default (spin, then sleep)"
 
 
+# ------------------------------------------------------------------------------------ load-aware threads
+#
+# Passive waiting removes the spinning, but an OpenMP team still waits at every barrier for its slowest member:
+# when other processes keep the cores busy, a 2-thread team runs at the pace of the thread the scheduler left
+# out. Measured at load average 10-17 on the 2-core machine (benchmarks/bench_load.py), the whole voc-mini run
+# took 3.3x longer with 2 threads than with 1. So unless the thread count is fixed (``--threads N``, or
+# OMP_NUM_THREADS), the forward takes only the cores no other process is running on, re-read before every
+# backbone batch. Since no result depends on the thread count, this changes speed only.
+
+_fixed_threads: int | None = None
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _procs_running() -> int | None:
+    """Runnable tasks on the whole machine right now (/proc/stat), or None where the file does not exist."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _own_running() -> int:
+    """Threads of this process that are runnable now (state R in /proc/self/task/*/stat)."""
+    n = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rfind(b")") + 2:][:1] == b"R":
+            n += 1
+    return max(1, n)
+
+
+def busy_elsewhere(samples: int = 5, interval_s: float = 0.002) -> float | None:
+    """How many cores other processes are running on now: the median over a few samples of the machine's
+    runnable tasks minus this process's own runnable threads. None where /proc is not available."""
+    import time
+
+    seen = []
+    for i in range(samples):
+        total = _procs_running()
+        if total is None:
+            return None
+        seen.append(max(0, total - _own_running()))
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    seen.sort()
+    return float(seen[len(seen) // 2])
+
+
+def choose_threads(cores: int, machine_cpus: int, busy: float | None) -> int:
+    """Threads for the next batch: the cores this process may use that no other process is running on, at
+    least 1. ``machine_cpus`` is every CPU of the machine (what /proc/stat counts); in a container pinned to a
+    few of many CPUs the other tasks mostly run elsewhere, so only the machine's spare CPUs limit us."""
+    if busy is None:
+        return cores
+    spare = machine_cpus - busy
+    return int(max(1, min(cores, round(spare))))
+
+
+def thread_policy() -> str:
+    """``fixed N`` or ``auto`` (see :func:`adapt_threads`), for reports."""
+    return f"fixed {_fixed_threads}" if _fixed_threads else "auto (cores no other process is running on)"
+
+
 def set_threads(threads: int | None) -> int:
-    """``--threads N``: torch's intra-op threads for this process (None: leave torch's choice, one per
-    physical core). Returns the count in force. Results do not depend on it; only speed does."""
+    """``--threads N``: torch's intra-op threads for this process, fixed for the whole run. None: automatic
+    (:func:`adapt_threads`), unless OMP_NUM_THREADS fixes it. Returns the count in force now. Results do not
+    depend on it; only speed does."""
+    global _fixed_threads
     import torch
 
     if threads:
-        torch.set_num_threads(int(threads))
+        _fixed_threads = int(threads)
+        torch.set_num_threads(_fixed_threads)
+    else:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        _fixed_threads = int(env) if env.isdigit() and int(env) > 0 else None
+        if _fixed_threads is None:
+            adapt_threads()
+    return int(torch.get_num_threads())
+
+
+def adapt_threads() -> int:
+    """Before a backbone batch: set torch's threads to :func:`choose_threads` unless they are fixed. Costs ~10 ms
+    (five /proc samples), nothing next to a batch's forward."""
+    import torch
+
+    if _fixed_threads is None and not os.environ.get("OMP_NUM_THREADS", "").strip():
+        want = choose_threads(_cpu_count(), os.cpu_count() or 1, busy_elsewhere())
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
     return int(torch.get_num_threads())
