@@ -243,6 +243,7 @@ class Backbone:
         self.mean = tuple(float(v) for v in (cfg.get("mean") or IMAGENET_DEFAULT_MEAN))
         self.std = tuple(float(v) for v in (cfg.get("std") or IMAGENET_DEFAULT_STD))
         self.compiled = False
+        self.runtime = "torch"  # or "openvino" (segcli.openvino_runtime.use_openvino)
 
     def compile(self, cache_dir: str | Path | None = None) -> None:
         """torch.compile the transformer blocks (``--compile``), with inductor's on-disk cache in ``cache_dir``
