@@ -1,7 +1,7 @@
 """Whole `segment` run vs the bare forwards it needs, idle and with one core busy, conditions interleaved.
 
-    python benchmarks/bench_load.py --quick      # ~5-8 min on 2 busy cores: 6 voc-mini images, 2 repeats
-    python benchmarks/bench_load.py              # ~15-25 min: 11 voc-mini images, 3 repeats, more conditions
+    python benchmarks/bench_load.py --quick      # 4 voc-mini images, 2 repeats: ~4 min idle, ~10 min at load 17
+    python benchmarks/bench_load.py              # 11 voc-mini images, 3 repeats, every --threads: ~15 min idle
 
 Why this design: on a shared machine the background load changes from minute to minute, so a ratio is only
 worth its two measurements taken under the same conditions. Every measurement runs in a fresh child process
@@ -12,9 +12,11 @@ interleaved (their order rotates every repeat) and each load block (idle, then o
 every condition; the tables give the median and the spread (min-max) over repeats.
 
 Conditions:
-  default       segcli's defaults: one torch thread per core, idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE)
+  default       segcli's defaults: idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) and the forward takes the
+                cores no other process is running on, re-read before every batch (segcli.runtime)
   threads=N     the same with --threads N (each fixed setting from 1 to the number of cores; --quick: 1)
-  spin          what segcli did before: libgomp's default spin-wait (GOMP_SPINCOUNT=300000), default threads
+  spin          what segcli did before: libgomp's default spin-wait (GOMP_SPINCOUNT=300000) and torch's default
+                threads (one per core, fixed)
 
 Loads: idle (whatever else runs on the machine: the load average is recorded with every run) and busy1 (a
 busy loop pinned to core 0, started here, time-limited, killed in a finally block and on SIGTERM/SIGHUP).
@@ -105,7 +107,7 @@ def conditions(cores: int, quick: bool) -> dict[str, dict]:
     conds: dict[str, dict] = {"default": {"env": {}, "threads": None}}
     for n in ([1] if quick else range(1, cores + 1)):
         conds[f"threads={n}"] = {"env": {}, "threads": n}
-    conds["spin"] = {"env": {"GOMP_SPINCOUNT": "300000"}, "threads": None}
+    conds["spin"] = {"env": {"GOMP_SPINCOUNT": "300000"}, "threads": cores}
     return conds
 
 
@@ -127,9 +129,9 @@ def spread(values: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
-    ap.add_argument("--quick", action="store_true", help="6 images, 2 repeats, conditions default / threads=1 / spin")
+    ap.add_argument("--quick", action="store_true", help="4 images, 2 repeats, conditions default / threads=1 / spin")
     ap.add_argument("--repeats", type=int, help="runs of every condition under every load (default 3; --quick 2)")
-    ap.add_argument("--limit", type=int, help="first N images (default all; --quick 6)")
+    ap.add_argument("--limit", type=int, help="first N images (default all; --quick 4)")
     ap.add_argument("--backbone", default="vit_small_patch16_224.dino")
     ap.add_argument("--weights", type=Path, help="checkpoint (default: random weights of --backbone)")
     ap.add_argument("--precision", default="auto")
@@ -147,7 +149,7 @@ def main() -> None:
 
     raise_on_signals()
     repeats = args.repeats or (2 if args.quick else 3)
-    limit = args.limit if args.limit is not None else (6 if args.quick else 0)
+    limit = args.limit if args.limit is not None else (4 if args.quick else 0)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     conds = conditions(cores, args.quick)
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]
