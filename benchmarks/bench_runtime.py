@@ -12,8 +12,10 @@ classes differently), label changed as written, and foreground/background decisi
 a second process that reuses the cached kernels are measured in child processes.
 
 OpenVINO is measured only when ``import openvino`` works (``pip install openvino``; it is not a dependency of
-segcli). Its forward returns the final tokens and the last block's attention input; segcli's own code then
-builds the keys, CLS attention and proposal from them in fp32, exactly as for the torch runtimes.
+segcli), through segcli's own ``--openvino`` path (:mod:`segcli.openvino_runtime`): its forward returns the
+final tokens and the last block's attention input, and segcli's code builds the keys, CLS attention and
+proposal from them in fp32, exactly as for the torch runtimes. (The --quick results of 22:02 UTC used an
+equivalent copy of that code with an explicit bf16 precision hint, which is OpenVINO's default on this CPU.)
 
 Without --weights the ViT-S/16 has random weights (no DINO weights here): speed does not depend on weight
 values, but how far rounding moves features and masks does, so the mask figures are those of random weights.
@@ -44,69 +46,10 @@ if not DATA.is_dir():
 
 def openvino_available() -> bool:
     try:
-        import openvino  # noqa: F401
+        import openvino  # noqa: F401  (only whether it imports)
     except Exception:
         return False
     return True
-
-
-class OpenVINOForward:
-    """``model.forward_features`` replaced by an OpenVINO model (one per input shape) that returns the final
-    tokens and the last block's attention input; the forward pre-hooks of the last attention module (segcli's
-    feature capture) are then called with that input, so segcli's feature code runs unchanged."""
-
-    def __init__(self, model, threads: int) -> None:
-        import openvino as ov
-        import torch
-
-        self.ov, self.torch, self.model = ov, torch, model
-        self.core = ov.Core()
-        self.config = {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": int(threads),
-                       "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled: dict[tuple, object] = {}
-        self.convert_s = 0.0
-
-        class Wrapped(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, x):
-                m = self.m
-                x = m.patch_embed(x)
-                x = m._pos_embed(x)
-                x = m.patch_drop(x)
-                x = m.norm_pre(x)
-                for blk in m.blocks[:-1]:
-                    x = blk(x)
-                last = m.blocks[-1]
-                attn_in = last.norm1(x)
-                x = x + last.ls1(last.attn(attn_in))
-                x = x + last.ls2(last.mlp(last.norm2(x)))
-                return m.norm(x), attn_in
-
-        self.wrapped = Wrapped(model).eval()
-
-    def _compiled(self, height: int, width: int):
-        """The OpenVINO model of one input size, any batch size (converted once per size)."""
-        key = (height, width)
-        if key not in self.compiled:
-            t0 = time.perf_counter()
-            with self.torch.inference_mode(False), self.torch.no_grad():
-                ov_model = self.ov.convert_model(self.wrapped, example_input=self.torch.zeros(1, 3, height, width))
-            ov_model.reshape({0: [-1, 3, height, width]})
-            self.compiled[key] = self.core.compile_model(ov_model, "CPU", self.config)
-            self.convert_s += time.perf_counter() - t0
-        return self.compiled[key]
-
-    def __call__(self, x):
-        torch = self.torch
-        result = self._compiled(int(x.shape[2]), int(x.shape[3]))(x.float().numpy())
-        out, attn_in = (torch.from_numpy(result[i].copy()) for i in range(2))
-        attn = self.model.blocks[-1].attn
-        for hook in list(attn._forward_pre_hooks.values()):
-            hook(attn, (attn_in,), {})  # segcli's capture hook (registered with_kwargs)
-        return out
 
 
 def make_backbone(runtime: str, weights: str, threads: int, cache_dir: Path):
@@ -116,9 +59,10 @@ def make_backbone(runtime: str, weights: str, threads: int, cache_dir: Path):
     bb = load_backbone("vit_small_patch16_224.dino", weights=weights, device="cpu", precision=precision)
     if runtime == "compile":
         bb.compile(cache_dir)
-    elif runtime == "openvino":
-        bb.precision = "fp32"  # OpenVINO itself runs in bf16; segcli's code around it stays fp32
-        bb.model.forward_features = OpenVINOForward(bb.model, threads)
+    elif runtime == "openvino":  # what --openvino does (threads: the fixed --threads of this benchmark)
+        from segcli.openvino_runtime import use_openvino
+
+        use_openvino(bb, cache_dir.parent / "openvino")
     return bb
 
 
@@ -187,6 +131,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 repeats, camvid-val first 8 images")
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--camvid-limit", type=int, help="camvid-val images for the mask comparison (default all; --quick 8)")
+    ap.add_argument("--voc-limit", type=int, default=0, help="voc-mini images (default all 11)")
     ap.add_argument("--weights", type=Path, help="checkpoint (default: random weights of ViT-S/16)")
     ap.add_argument("--threads", type=int, help="torch (and OpenVINO) threads (default: every core)")
     ap.add_argument("--runtimes", default="fp32,bf16,compile,openvino")
@@ -232,7 +177,7 @@ def main() -> None:
 
             weights = str(random_checkpoint("vit_small_patch16_224.dino", tmp))
         cfg = SegmentConfig()
-        voc = discover_images(DATA / "voc-mini" / "images")
+        voc = discover_images(DATA / "voc-mini" / "images")[: args.voc_limit or None]
         camvid = discover_images(DATA / "camvid-val" / "images")[: camvid_limit or None]
 
         # 1. torch.compile's start-up: a fresh kernel cache, then a second process reusing it.
