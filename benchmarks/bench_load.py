@@ -1,7 +1,9 @@
 """Whole `segment` run vs the bare forwards it needs, idle and with one core busy, conditions interleaved.
 
-    python benchmarks/bench_load.py --quick      # 4 voc-mini images, 2 repeats: ~4 min idle, ~10 min at load 17
-    python benchmarks/bench_load.py              # 11 voc-mini images, 3 repeats, every --threads: ~15 min idle
+    python benchmarks/bench_load.py --quick      # 4 voc-mini images, 2 repeats, 12 runs (33 min at load 7-23)
+    python benchmarks/bench_load.py              # 11 images, 3 repeats, every --threads, 24 runs (32 min at load 4-9)
+
+Both durations were measured on the shared 2-core machine with other users' load; a quiet machine is faster.
 
 Why this design: on a shared machine the background load changes from minute to minute, so a ratio is only
 worth its two measurements taken under the same conditions. Every measurement runs in a fresh child process

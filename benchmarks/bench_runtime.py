@@ -1,7 +1,9 @@
 """CPU runtimes of the backbone side by side: fp32 eager, bf16 autocast, torch.compile + bf16, OpenVINO bf16.
 
-    python benchmarks/bench_runtime.py --quick   # ~10-15 min on 2 busy cores: 3 repeats, camvid-val first 8
-    python benchmarks/bench_runtime.py           # ~30-40 min: 5 repeats, camvid-val all 101 images
+    python benchmarks/bench_runtime.py --quick   # 3 repeats, camvid-val first 8 (43 min at load 7-19, 2 cores)
+    python benchmarks/bench_runtime.py           # 5 repeats, camvid-val all 101 (not run here: ~2x the mask part)
+
+The first torch.compile and the OpenVINO conversions dominate at high load (minutes each).
 
 For every runtime: the forward time per image over the voc-mini images (the runtimes interleaved, their order
 rotating every repeat; the speed-up is the median over repeats of the ratio to fp32 eager *in the same
