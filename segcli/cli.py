@@ -145,9 +145,10 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backbon
 DecodeWorkers = Annotated[Optional[int], typer.Option("--decode-workers", help="Background threads that decode and preprocess images ahead of the backbone (default: cores - 1, at most 8; 0 = in the main thread). Results do not depend on it.", rich_help_panel="Backbone")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's blocks (kernels cached on disk under the --cache folder; the first batch of each input size compiles). Compiled features are cached apart.", rich_help_panel="Backbone")]
 FeatureCacheOpt = Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Keep each image's features in the --cache folder (default). --no-feature-cache recomputes them in every pass instead (fit and predict read them 2-4 times): cheaper than the file I/O on a GPU, not on a CPU. Region bundles are cached either way.", rich_help_panel="Backbone")]
+OpenVINO = Annotated[bool, typer.Option("--openvino/--no-openvino", help="Run the backbone's forward on OpenVINO's CPU runtime (optional: pip install openvino; bf16 on CPUs with native bf16). Converted models are cached under the --cache folder; the first run at each input size converts. Features differ from torch's by rounding and are cached apart.", rich_help_panel="Backbone")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes for the per-image host work after the features (fusion, refinement, regions, label maps, PNG/overlay writes); the backbone and crop forwards stay in the main process. Default: available cores - 1, except 0 when the backbone runs on the CPU (its forward already uses every core); 0 = in the main process; at most the cores this process may use (at least 2): each worker holds its own copy of the model and more workers than cores only add memory and time. With --engine ray: the backbone actors, one backbone each (default: one per GPU when the run uses GPUs, else 1). Results do not depend on it.", rich_help_panel="Backbone")]
 DevicePath = Annotated[Optional[bool], typer.Option("--device-path/--host-path", help="Run the region pass (fusion, image-level k-means, refinement, crops) batched on the backbone's device (default: when it is a CUDA GPU) or image by image in the --workers pool. Same masks either way with --assign pooled/parts; crops resized by torch instead of PIL with cls.", rich_help_panel="Backbone")]
-Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel="Backbone")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: one per physical core, torch's choice). Idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE unless you set it), so a busy machine costs the CPU it took, not more. Results do not depend on it.", rich_help_panel="Backbone")]
 K = Annotated[int, typer.Option("--k", help="Number of classes including background (VOC: 21).", rich_help_panel="Method")]
 Categories = Annotated[Optional[int], typer.Option("--categories", help="CLS-token image categories for the category level (default: the number of thing classes, k-1, or k-N with --stuff N, but at most one per 10 images).", rich_help_panel="Method")]
 Stuff = Annotated[int, typer.Option("--stuff", help="Label the background with N stuff classes: ids 0..N-1 stuff, N..k-1 things (--k counts both); 0 = one background class. Presets: docs/method.md (Scenes).", rich_help_panel="Method")]
@@ -192,7 +193,7 @@ _SHARED_OPTIONS = [
     ("seed", Seed, 0), ("cache", Cache, None), ("features", Features, None), ("split", Split, None),
     ("resume", Resume, True), ("quiet", Quiet, False), ("prior", Prior, "levels"), ("proposal_heads", ProposalHeads, 5),
     ("stuff", Stuff, 0),
-    ("decode_workers", DecodeWorkers, None), ("compile", Compile, False), ("feature_cache", FeatureCacheOpt, True),
+    ("decode_workers", DecodeWorkers, None), ("compile", Compile, False), ("openvino", OpenVINO, False), ("feature_cache", FeatureCacheOpt, True),
     ("workers", Workers, None), ("device_path", DevicePath, None),
     ("engine", Engine, "local"), ("address", Address, None),
     ("gpus_per_worker", GpusPerWorker, None), ("cpus_per_worker", CpusPerWorker, 1.0),
@@ -284,6 +285,8 @@ def _check_engine_options(opts: dict) -> None:
                  if opts[name] != default]
         if given:
             raise UsageError(f"{', '.join(given)} only apply with --engine ray")
+    if engine == "ray" and opts.get("openvino"):
+        raise UsageError("--openvino runs with the local engine only; drop --engine ray or --openvino")
     if engine == "ray" and opts["workers"] is not None and not 1 <= opts["workers"] <= 4096:
         raise UsageError(f"--workers with --engine ray (backbone actors) must be between 1 and 4096, got {opts['workers']}")
     if opts["gpus_per_worker"] is not None and not 0 <= opts["gpus_per_worker"] <= 64:
@@ -362,14 +365,15 @@ def _segmenter(config: SegmentConfig, reporter, opts: dict, model=None):
     """The pipeline for a command's parsed options (the run-time ones; the method ones are in config)."""
     from segcli.pipeline import Segmenter
 
-    if opts["threads"]:
-        import torch
+    from segcli.vit.runtime import set_threads
 
-        torch.set_num_threads(opts["threads"])
+    set_threads(opts["threads"])
     kwargs = dict(model=model, reporter=reporter, weights=opts["weights"], device=opts["device"],
                   precision=opts["precision"], cache_dir=opts["cache"], features_dir=opts["features"],
                   batch_size=opts["batch_size"], decode_workers=opts["decode_workers"], compile=opts["compile"],
                   feature_cache=opts["feature_cache"])
+    if opts["openvino"]:
+        kwargs["openvino"] = True
     if opts["engine"] == "ray":
         from segcli.ray_segmenter import RaySegmenter
 

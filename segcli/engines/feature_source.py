@@ -46,6 +46,7 @@ class FeatureSource:
         device: str = "auto",
         precision: str = "fp32",
         compile: bool = False,
+        openvino: bool = False,
         cache_dir: str | Path | None = None,
         batch_size: int = 8,
         decode_workers: int | None = None,
@@ -87,6 +88,11 @@ class FeatureSource:
             # torch's kernel cache needs a local folder: with an object-store cache it stays in the default one.
             local = next(c for c in (self.cache_root, default_cache_dir(), _home_cache_dir()) if not storage.is_remote(c))
             self.backbone.compile(local / "inductor")
+        if openvino and self.backbone is not None:
+            from segcli.vit.openvino_runtime import use_openvino
+
+            local = next(c for c in (self.cache_root, default_cache_dir(), _home_cache_dir()) if not storage.is_remote(c))
+            use_openvino(self.backbone, local / "openvino")
         if self.folder is not None:
             if not storage.is_dir(self.folder.root):
                 raise UsageError(f"features folder not found: {self.folder.root}")
@@ -98,6 +104,7 @@ class FeatureSource:
             # Precision is part of the key: bf16 features must never be mixed with fp32 ones.
             # So is torch.compile (its fused kernels round differently): same settings, same bytes.
             compiled = "-compiled" if getattr(self.backbone, "compiled", False) else ""
+            compiled += "-openvino" if getattr(self.backbone, "runtime", "torch") == "openvino" else ""
             namespace = f"{self.identity}-{config.digest(*FEATURE_FIELDS)}-{self.backbone.precision}{compiled}-v{CACHE_FORMAT}"
             self.cache = FeatureCache(self.cache_root, namespace, warn=lambda message: self.warn(message))
 

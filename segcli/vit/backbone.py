@@ -193,6 +193,7 @@ class Backbone:
         self.mean = tuple(float(v) for v in (cfg.get("mean") or IMAGENET_DEFAULT_MEAN))
         self.std = tuple(float(v) for v in (cfg.get("std") or IMAGENET_DEFAULT_STD))
         self.compiled = False
+        self.runtime = "torch"  # or "openvino" (segcli.vit.openvino_runtime.use_openvino)
 
     def compile(self, cache_dir: str | Path | None = None) -> None:
         """torch.compile the transformer blocks (``--compile``), with inductor's on-disk cache in ``cache_dir``
@@ -247,6 +248,7 @@ class Backbone:
 
     def extract(self, batch: torch.Tensor, kind: str = "keys", proposal_heads: int = 5) -> FeatureBatch:
         """Features of a normalised batch (B, 3, H, W) (any device); one forward pass, inference mode."""
+        self._adapt_threads()
         return compute_features(self, batch, kind=kind, proposal_heads=proposal_heads)
 
     def extract_image(self, rgb: np.ndarray, short_side: int = 448, kind: str = "keys", max_side: int | None = 1344) -> FeatureBatch:
@@ -256,7 +258,17 @@ class Backbone:
     def embed_crops(self, crops: list[np.ndarray], size: int = 224, batch_size: int = 32) -> np.ndarray:
         """(n, embed_dim) float32 L2-normalised CLS tokens (mean patch tokens without a CLS token) of RGB uint8
         crops resized to size x size."""
+        self._adapt_threads()
         return embed_crops(self, crops, size=size, batch_size=batch_size)
+
+    def _adapt_threads(self) -> None:
+        """On the CPU, before each batch: torch takes the cores no other process is running on, unless
+        --threads / OMP_NUM_THREADS fixed the count (:func:`segcli.vit.runtime.adapt_threads`; results do not
+        depend on it). A GPU forward does not wait on CPU threads, so there nothing changes."""
+        if self.device.type == "cpu":
+            from segcli.vit.runtime import adapt_threads
+
+            adapt_threads()
 
     def fingerprint(self) -> str:
         """Short stable hash of the backbone name and weights identity (a cache key)."""
