@@ -729,6 +729,7 @@ def test_cache_out_of_inodes_is_exit_3(base, tmp_path, monkeypatch):
     assert digest_tree(out) == before
 
 
+@pytest.mark.slow
 def test_concurrent_runs_on_one_out_and_cache(base, tmp_path):
     """Item 12: two runs started together on the same --out and warm --cache both finish (exit 0) with the clean
     masks: neither sweeps the other's temporaries."""

@@ -21,6 +21,7 @@ import pytest
 from tests.ray_helpers import LoopbackCluster, assert_loopback, is_loopback
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+pytestmark = pytest.mark.slow  # a loopback Ray cluster per module: minutes
 
 from segcli.method.model import SegModel  # noqa: E402
 from tests.checkpoints import TINY, checkpoint_file  # noqa: E402

@@ -14,6 +14,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 pytest.importorskip("ray")
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
+pytestmark = pytest.mark.slow  # a loopback Ray cluster and an S3 server
 
 from segcli.io import storage  # noqa: E402
 from segcli.io.storage import ObjectPath  # noqa: E402

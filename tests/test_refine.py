@@ -167,6 +167,7 @@ def _bench():
     return mod
 
 
+@pytest.mark.slow
 @needs_crf
 @pytest.mark.skipif(not VOC_MINI.is_dir(), reason="../shared/data/voc-mini not available")
 def test_meanfield_matches_the_full_size_dense_crf_on_voc_mini():

@@ -102,6 +102,7 @@ def _region_entries(cache: Path) -> list[Path]:
     return sorted((cache / "regions").rglob("*.npz"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_damaged_region_entries_are_recomputed(data, tmp_path, mode):
     args = ["segment", data / "images", "--features", data / "features", *FEATURE_ARGS, "--cache", tmp_path / "c"]

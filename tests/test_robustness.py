@@ -191,6 +191,7 @@ def _wait_for_outputs(out: Path, n: int, proc: subprocess.Popen, timeout: float 
     pytest.fail("no outputs appeared")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_run_resumes_without_redoing(big, tmp_path, sig):
     args = ["segment", big / "images", "--out", tmp_path / "o", "--features", big / "features", "--k", 4,
