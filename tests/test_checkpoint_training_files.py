@@ -286,6 +286,94 @@ def test_dino_file_features_equal_upstream_forward(tmp_path, size):
     assert float((got - dino_forward(sd, x, heads=3)).abs().max()) < 1e-4
 
 
+# ----------------------------------------------------------------------- DINOv2's position resize
+
+
+def _dinov2_interpolate_pos_encoding(pos_embed, patch, npatch, w, h, offset=0.1, antialias=False):
+    """facebookresearch/dinov2 DinoVisionTransformer.interpolate_pos_encoding, restated (hub models:
+    interpolate_offset=0.1, interpolate_antialias=False); pos_embed is DINOv2's (1, 1 + M*M, C), CLS first."""
+    import math
+
+    import torch.nn.functional as F
+
+    previous_dtype = pos_embed.dtype
+    N = pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    pos_embed = pos_embed.float()
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch, h // patch
+    M = int(math.sqrt(N))
+    assert N == M * M
+    sx, sy = float(w0 + offset) / M, float(h0 + offset) / M
+    patch_pos_embed = F.interpolate(patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
+                                    antialias=antialias, scale_factor=(sx, sy))
+    assert (w0, h0) == patch_pos_embed.shape[-2:]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1).to(previous_dtype)
+
+
+def _dinov2_tokens_by_hand(model, sd_official, x):
+    """DINOv2's prepare_tokens_with_masks (patch embed, CLS, + upstream position resize, then registers) fed
+    through the timm model's blocks and norm: what DINOv2's forward gives, from the official-layout tensors."""
+    patch = model.patch_embed.proj.weight.shape[-1]
+    B, _, w, h = x.shape
+    t = model.patch_embed(x).reshape(B, -1, sd_official["cls_token"].shape[-1])
+    t = torch.cat([sd_official["cls_token"].expand(B, -1, -1), t], dim=1)
+    t = t + _dinov2_interpolate_pos_encoding(sd_official["pos_embed"], patch, t.shape[1] - 1, w, h)
+    if "register_tokens" in sd_official:
+        t = torch.cat([t[:, :1], sd_official["register_tokens"].expand(B, -1, -1), t[:, 1:]], dim=1)
+    return model.norm(model.blocks(t))
+
+
+@pytest.mark.parametrize("reg", [False, True])
+def test_dinov2_resize_equals_the_upstream_formula(reg):
+    from segcli.vit.compat import import_timm
+    from segcli.vit.pos_embed import dinov2_interpolate
+
+    import_timm()  # (repairs a CPU-torch / CUDA-torchvision mismatch before timm.layers is imported)
+    from timm.layers import resample_abs_pos_embed
+
+    g = torch.Generator().manual_seed(3)
+    official = torch.randn(1, 1 + 37 * 37, 8, generator=g)  # DINOv2's table: CLS row, then the 37x37 grid
+    table = official[:, 1:] if reg else official  # timm's register layout has no CLS row (no_embed_class)
+    prefix = 0 if reg else 1
+    for rows, cols in ((37, 37), (32, 48), (48, 32), (16, 16), (20, 17), (37, 38), (9, 5)):
+        ref = _dinov2_interpolate_pos_encoding(official, 14, rows * cols, rows * 14, cols * 14)
+        got = dinov2_interpolate(table, rows, cols, prefix=prefix)
+        assert torch.equal(got, ref[:, 1:] if reg else ref), (reg, rows, cols)
+    # and it is not timm's antialiased size-based resize (the test can fail)
+    timm_pos = resample_abs_pos_embed(table, (32, 48), (37, 37), num_prefix_tokens=prefix)
+    assert float((timm_pos - dinov2_interpolate(table, 32, 48, prefix=prefix)).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_dinov2_file_features_equal_upstream_forward(tmp_path, name):
+    from segcli.vit.backbone import load_backbone
+
+    path = tmp_path / "dinov2.pth"
+    save_checkpoint(path, "dino", name=name, seed=4)
+    official = torch.load(path, weights_only=True)
+    assert "mask_token" in official and ("register_tokens" in official) == ("reg4" in name)
+    bb = load_backbone(weights=path, device="cpu")
+    assert bb.pos_interp == "dinov2"
+    x = torch.randn(1, 3, 448, 672, generator=torch.Generator().manual_seed(5))  # 32 x 48 patches
+    with torch.no_grad():
+        got = bb.model.forward_features(x)
+        ref = _dinov2_tokens_by_hand(bb.model, official, x)
+        assert float((got - ref).abs().max()) < 1e-5
+        # timm's own (antialiased, size-based) resize gives different features at this non-square size
+        from timm.models.vision_transformer import VisionTransformer
+
+        bb.model._pos_embed = VisionTransformer._pos_embed.__get__(bb.model)
+        timm_feats = bb.model.forward_features(x)
+    diff = float((timm_feats - got).abs().max())
+    print(f"{name}: max |timm resize - DINOv2 resize| in features at 448x672: {diff:.4g}")
+    assert diff > 1e-3
+
+
 # ------------------------------------------------------------------------ hostile files (issue 20)
 
 

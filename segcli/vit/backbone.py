@@ -431,7 +431,8 @@ _STRUCTURAL = ("class_token", "global_pool", "fc_norm", "act_layer", "norm_layer
 
 def _pos_interp(ck: Checkpoint, timm_name: str, from_file: bool) -> str | None:
     """The family's own position-grid resize (segcli.vit.pos_embed): DINO's for DINO / Leopart / STEGO files and
-    for timm's ``.dino`` weights, bilinear for LOCA, timm's own otherwise."""
+    for timm's ``.dino`` weights, DINOv2's for DINOv2 files and timm's ``*_dinov2`` weights (with or without
+    registers), bilinear for LOCA, timm's own otherwise."""
     if ck.pos_interp == "dino" and not from_file and not timm_name.endswith(".dino"):
         return None  # timm's pretrained weights of a non-DINO ViT: timm is the upstream
     return ck.pos_interp
@@ -565,6 +566,15 @@ def load_backbone(
 
         if supports_dino_resize(model):
             model._pos_embed = types.MethodType(dino_pos_embed, model)
+        else:
+            pos_interp = None
+    elif pos_interp == "dinov2":
+        import types
+
+        from segcli.vit.pos_embed import dinov2_pos_embed, supports_dinov2_resize
+
+        if supports_dinov2_resize(model):
+            model._pos_embed = types.MethodType(dinov2_pos_embed, model)
         else:
             pos_interp = None
     if weights_id is None:

@@ -20,7 +20,8 @@ class Checkpoint:
     - ``build``: extra ``timm.create_model`` keyword arguments the layout needs (e.g. LOCA: no CLS token, tanh
       GELU).
     - ``pos_interp``: how the absolute position grid is resized for other input sizes (None: timm's bicubic;
-      'dino': DINO's ``interpolate_pos_encoding``, as DINO, Leopart and STEGO do; 'bilinear': JAX's
+      'dino': DINO's ``interpolate_pos_encoding``, as DINO, Leopart and STEGO do; 'dinov2': DINOv2's (the same
+      formula in float32; registers get no position); 'bilinear': JAX's
       ``jax.image.resize``, as LOCA does; see :mod:`segcli.vit.pos_embed`).
     - ``head``: the system's own feature head (STEGO: the 'code' projection), an ``nn.Module`` or None.
     - ``probe``: the system's own unsupervised cluster centroids in head space (STEGO's cluster probe) or None.

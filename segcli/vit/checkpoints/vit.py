@@ -112,6 +112,8 @@ def parse(raw: dict, label: str) -> Checkpoint | None:
     system = system_of(sd)
     if system == "vit":  # DINO's ViT (and timm's): DINO's own position-grid resize (see segcli.vit.pos_embed)
         return Checkpoint(system="dino", state_dict=sd, arch=infer_arch(sd), pos_interp="dino")
+    if system == "dinov2":  # official DINOv2 files and timm's *_dinov2 weights: DINOv2's own resize
+        return Checkpoint(system=system, state_dict=sd, arch=infer_arch(sd), pos_interp="dinov2")
     return Checkpoint(system=system, state_dict=sd, arch=infer_arch(sd), build=dinov3_build(sd) if system == "dinov3" else {})
 
 
