@@ -1,6 +1,6 @@
 """Checkpoints as the upstream *training* code writes them (issue 19), and hostile checkpoints (issue 20 items 2,
 7, 10, 12): numpy scalars under pickle protocol 2, sacred read-only containers, Python 2 names, DINO's
-teacher/student, DINOv3 plus / 7B layouts, Orbax directories, DINO's position resize; memory bombs, FIFOs,
+teacher/student, DINOv3 plus / 7B layouts, Orbax directories, DINO's and DINOv2's position resize; memory bombs, FIFOs,
 deep msgpack nesting and non-float weights are refused with exit 5 and one line naming the file."""
 
 from __future__ import annotations
@@ -372,6 +372,18 @@ def test_dinov2_file_features_equal_upstream_forward(tmp_path, name):
     diff = float((timm_feats - got).abs().max())
     print(f"{name}: max |timm resize - DINOv2 resize| in features at 448x672: {diff:.4g}")
     assert diff > 1e-3
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_timm_dinov2_pretrained_weights_use_the_dinov2_resize(name):
+    # timm's *_dinov2 pretrained weights are timm-named (ls1.gamma, reg_token): parsed as DINOv2, they keep
+    # DINOv2's resize also when they come from timm rather than a file
+    from segcli.vit.backbone import _pos_interp
+    from segcli.vit.checkpoints.vit import parse as parse_vit
+
+    ck = parse_vit(random_state_dict(name, seed=4), "timm weights")
+    assert ck.system == "dinov2" and ck.pos_interp == "dinov2"
+    assert _pos_interp(ck, f"{name}.lvd142m", from_file=False) == "dinov2"
 
 
 # ------------------------------------------------------------------------ hostile files (issue 20)
