@@ -257,7 +257,10 @@ def test_orbax_tensorstore_directory_says_what_to_pass(tmp_path, images):
 
 
 def test_dino_resize_equals_the_upstream_formula():
+    from segcli.vit.compat import import_timm
     from segcli.vit.pos_embed import dino_interpolate
+
+    import_timm()  # before timm.layers is imported below: the CPU-torch / torchvision workaround
     from tests.upstream_reference import dino_interpolate_pos_encoding
 
     pos = torch.randn(1, 1 + 14 * 14, 8, generator=torch.Generator().manual_seed(0))
