@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from segcli.errors import UsageError
-from segcli.io.legend import MAX_ID
+from segcli.io.outputs import MAX_LABEL_ID
 
 
 def _from_evaluation(data: dict, source: str) -> dict[int, str]:
@@ -77,7 +77,7 @@ def read_class_names(source: str | Path) -> dict[int, str]:
         names = _from_text(raw, text_source)
     if not names:
         raise UsageError(f"--class-names {text_source}: no names in it")
-    bad = sorted(i for i in names if not 0 <= i <= MAX_ID)
+    bad = sorted(i for i in names if not 0 <= i <= MAX_LABEL_ID)
     if bad:
-        raise UsageError(f"--class-names {text_source}: ids {bad[:5]} are outside 0..{MAX_ID} (label PNGs hold 0..255)")
+        raise UsageError(f"--class-names {text_source}: ids {bad[:5]} are outside 0..{MAX_LABEL_ID} (label PNGs hold 0..255)")
     return names

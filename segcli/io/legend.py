@@ -15,9 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-MAX_ID = 255  # label PNGs hold ids 0..255
-
-
 @dataclass(frozen=True)
 class Legend:
     """How an overlay shows its legend: ``names`` (id -> name, as sorted pairs so it pickles small and
