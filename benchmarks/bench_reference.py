@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -84,7 +85,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['family']} | {r['system']} | {r['pos_interp']} | {r['size']} | {r['max_abs_diff']:.2e} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=1))
+    load = [round(x, 2) for x in os.getloadavg()]  # the seconds are only worth the load they were measured under
+    print(f"load average at the end {load[0]} {load[1]} {load[2]} ({os.cpu_count()} CPUs)")
+    Path(args.json).write_text(json.dumps({"rows": rows, "torch": torch.__version__, "load_average_end": load},
+                                          indent=1))
 
 
 if __name__ == "__main__":
